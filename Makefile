@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (the main job on the embedded default) and `make test` (the whole suite).
+# Each creates .venv on first use. The dev/CI environment pins the CPU build of torch 2.13.0;
+# on a GPU machine install the torch that fits your CUDA first, then `pip install -e .[train,dev]`.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[train,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/viq demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check viq mllm tests
+
+.PHONY: venv demo test lint
