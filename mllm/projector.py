@@ -1,0 +1,64 @@
+"""Vision-to-LLM projector: Linear -> learned 2x2 softmax pooling -> GELU -> Linear, with newline,
+begin and end embeddings (viq-reference.md §4.2).
+
+Shapes: ``x_NC`` the N = h*w patch features of one image (raster order), C the visual width;
+``H`` the LLM hidden size. One image yields ``num_image_tokens(h, w)`` LLM tokens:
+(h/2) rows of (w/2) pooled tokens, each row followed by a newline embedding, plus begin and end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def num_image_tokens(h: int, w: int) -> int:
+    """LLM tokens for an image with an (h, w) patch grid; both sides must be even (2x2 pooling)."""
+    if h <= 0 or w <= 0 or h % 2 or w % 2:
+        raise ValueError(f"patch grid ({h}, {w}) must have positive even sides for 2x2 pooling")
+    return (h // 2) * (w // 2 + 1) + 2
+
+
+class SoftmaxPool2x2(nn.Module):
+    """Per-channel softmax over each 2x2 window, scored from each vector and the window mean."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x_hwH: torch.Tensor) -> torch.Tensor:
+        h, w, hid = x_hwH.shape
+        win = x_hwH.reshape(h // 2, 2, w // 2, 2, hid).permute(0, 2, 1, 3, 4).reshape(h // 2, w // 2, 4, hid)
+        mean = win.mean(dim=2, keepdim=True).expand_as(win)
+        scores = self.score(torch.cat([win, mean], dim=-1))
+        # the softmax over the 4 window positions is numerically delicate under bf16: fp32 island
+        weights = torch.softmax(scores.float(), dim=2).to(win.dtype)
+        return (weights * win).sum(dim=2)
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.proj1 = nn.Linear(in_dim, hidden)
+        self.pool = SoftmaxPool2x2(hidden)
+        self.proj2 = nn.Linear(hidden, hidden)
+        std = hidden**-0.5
+        self.image_newline = nn.Parameter(torch.randn(hidden) * std)
+        self.image_begin = nn.Parameter(torch.randn(hidden) * std)
+        self.image_end = nn.Parameter(torch.randn(hidden) * std)
+
+    def forward_image(self, x_NC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One image's features -> its ``num_image_tokens(h, w)`` LLM embeddings."""
+        h, w = grid
+        num_image_tokens(h, w)
+        if x_NC.shape[0] != h * w:
+            raise ValueError(f"{x_NC.shape[0]} features do not match the patch grid ({h}, {w})")
+        y = self.proj2(F.gelu(self.pool(self.proj1(x_NC).reshape(h, w, -1))))
+        rows = torch.cat([y, self.image_newline.to(y.dtype).expand(h // 2, 1, -1)], dim=1)
+        return torch.cat(
+            [self.image_begin.to(y.dtype)[None], rows.reshape(-1, y.shape[-1]), self.image_end.to(y.dtype)[None]]
+        )
+
+    def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [self.forward_image(x, g) for x, g in zip(feats, grids, strict=True)]

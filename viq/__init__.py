@@ -1,0 +1,1 @@
+"""ViQ: text-aligned visual quantized representations at any resolution."""
