@@ -17,7 +17,8 @@ from viq.attention import (
 )
 
 CPU = torch.device("cpu")
-LENGTH_MIXES = [[5], [1, 1, 1], [3, 1, 7, 2], [1, 9], [4, 0, 3]]
+# (segment lengths, head dim): single segment, all length-1, mixed, zero-length, Dh not a power of 2.
+CASES = [([5], 12), ([1, 1, 1], 8), ([3, 1, 7, 2], 12), ([1, 9], 20), ([4, 0, 3], 6), ([2, 6, 1], 16)]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -44,9 +45,8 @@ def make_qkv(lengths, heads=3, head_dim=12, dtype=torch.float32, device=CPU, see
 
 
 @pytest.mark.parametrize("backend", available_backends(CPU))
-@pytest.mark.parametrize("lengths", LENGTH_MIXES)
+@pytest.mark.parametrize("lengths, head_dim", CASES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [12, 8])
 def test_matches_per_sequence_sdpa(backend, lengths, causal, head_dim):
     q, k, v = make_qkv(lengths, head_dim=head_dim)
     cu = cu_seqlens_from_lengths(lengths)
@@ -220,10 +220,63 @@ def test_cuda_bf16_gradients_and_isolation(backend):
     (reference_attention(*ref_leaves, lengths) * weight).sum().backward()
     for got, want in zip((q, k, v), ref_leaves, strict=True):
         torch.testing.assert_close(got.grad.float(), want.grad, atol=5e-2, rtol=5e-2)
-    with torch.no_grad():
-        q2 = q.detach().clone()
+    with torch.no_grad():  # both calls without autograd, so kernel choice cannot differ between them
+        out1 = varlen_attention(q, k, v, cu, 77, backend=backend)
+        q2, k2 = q.clone(), k.clone()
         q2[40:43] = 50.0
-        k2 = k.detach().clone()
         k2[40:43] = -50.0
-        out2 = varlen_attention(q2, k2, v.detach(), cu, 77, backend=backend)
-    assert torch.equal(out.detach()[:40], out2[:40]) and torch.equal(out.detach()[43:], out2[43:])
+        out2 = varlen_attention(q2, k2, v, cu, 77, backend=backend)
+    assert torch.equal(out1[:40], out2[:40]) and torch.equal(out1[43:], out2[43:])
+    assert not torch.equal(out1[40:43], out2[40:43])
+
+
+# --- fused-backend adapters, exercised on CPU with stand-in kernels ----------------------------------
+
+
+def _fake_kernel(calls, causal_from):
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append(kwargs)
+        assert q.shape[-1] % 8 == 0 and cu_q.dtype == torch.int32 and cu_k is cu_q
+        lengths = lengths_from_cu_seqlens(cu_q).tolist()
+        assert max_q == max_k >= max(lengths)
+        scale = kwargs.get("scale", kwargs.get("softmax_scale", q.shape[-1] ** -0.5))
+        return reference_attention(q, k, v, lengths, scale=scale, causal=causal_from(kwargs))
+
+    return kernel
+
+
+@pytest.mark.parametrize(
+    "params, causal_from",
+    [
+        ({"window_size", "scale"}, lambda kw: tuple(kw["window_size"]) == (-1, 0)),  # torch >= 2.11
+        ({"is_causal", "scale"}, lambda kw: kw["is_causal"]),  # torch 2.10
+        ({"is_causal"}, lambda kw: kw["is_causal"]),  # torch 2.9: no scale argument
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_varlen_adapter(monkeypatch, params, causal_from, causal):
+    calls = []
+    monkeypatch.setattr(attention, "_torch_varlen_attn", _fake_kernel(calls, causal_from))
+    monkeypatch.setattr(attention, "_TORCH_VARLEN_PARAMS", frozenset(params))
+    lengths = [3, 1, 6]
+    q, k, v = make_qkv(lengths, head_dim=12)  # padded to 16 inside the adapter
+    cu = cu_seqlens_from_lengths(lengths)
+    out = attention._fused_varlen("torch_varlen", q, k, v, cu, 6, 0.3, causal)
+    assert out.shape == q.shape and len(calls) == 1
+    assert ("scale" in calls[0]) == ("scale" in params)
+    ref = reference_attention(q, k, v, lengths, scale=0.3, causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_adapter(monkeypatch, causal):
+    calls = []
+    monkeypatch.setattr(attention, "_flash_attn_varlen_func", _fake_kernel(calls, lambda kw: kw["causal"]))
+    lengths = [5, 2]
+    q, k, v = make_qkv(lengths, head_dim=20)
+    out = attention._fused_varlen("flash_attn", q, k, v, cu_seqlens_from_lengths(lengths), 5, 0.2, causal)
+    assert calls[0]["softmax_scale"] == 0.2 and calls[0]["dropout_p"] == 0.0
+    torch.testing.assert_close(out, reference_attention(q, k, v, lengths, 0.2, causal), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="head dims up to 256, got 264"):
+        big = torch.zeros(7, 1, 264)
+        attention._fused_varlen("flash_attn", big, big, big, cu_seqlens_from_lengths(lengths), 5, 0.2, causal)

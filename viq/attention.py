@@ -68,7 +68,7 @@ def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor, device=None) 
 def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """int32 cumulative offsets [B + 1] -> segment lengths [B] (same dtype and device)."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must be 1-D and non-empty, got shape {tuple(cu_seqlens.shape)}")
     return cu_seqlens[1:] - cu_seqlens[:-1]
 
 
@@ -108,7 +108,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int, 
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must hold integers, got dtype {cu_seqlens.dtype}")
     if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 0:
@@ -156,7 +156,7 @@ def _pad_head_dim(t_NHD: torch.Tensor) -> torch.Tensor:
 def _fused_varlen(backend, q_NHD, k_NHD, v_NHD, cu_seqlens, max_seqlen, scale, causal) -> torch.Tensor:
     head_dim = q_NHD.shape[-1]
     if head_dim > _FLASH_MAX_HEAD_DIM:
-        raise ValueError(f"backend {backend!r} supports head dims up to {_FLASH_MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"backend {backend!r} takes head dims up to {_FLASH_MAX_HEAD_DIM}, got {head_dim}")
     cu = cu_seqlens.to(device=q_NHD.device, dtype=torch.int32)
     q, k, v = (_pad_head_dim(t) for t in (q_NHD, k_NHD, v_NHD))
     if backend == "flash_attn":

@@ -177,8 +177,10 @@ def resize_area(
     """Area-preserving target size (new_w, new_h) with both sides multiples of `multiple`.
 
     s = sqrt(area / (width * height)); each side becomes round(side * s / multiple) * multiple, at
-    least `multiple`. If the result's area falls outside [min_area, max_area] it is rescaled into the
-    bounds (floor towards max_area, ceil towards min_area).
+    least `multiple`. If the result's area falls outside [min_area, max_area], the sides are rescaled
+    to the violated bound and each floored or ceiled to the grid; of the combinations that land
+    inside the bounds the one nearest the bound wins (ties: nearest aspect), so a max_area result
+    is in practice floored. ValueError if the grid leaves no size inside the bounds.
     """
     _check_multiple(multiple)
     _check_resize_args(width, height, area, min_area, max_area)
