@@ -124,7 +124,9 @@ def render_conversation(
     role, or a template that is not prefix-stable.
     """
     image_id = tokenizer.convert_tokens_to_ids(image_token)
-    special_ids = set(tokenizer.all_special_ids) - {image_id}
+    # tokens added with add_tokens(special_tokens=True) (Llama-3's <|eot_id|>) are not in all_special_ids
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special_ids = (set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}) - {image_id}
     input_ids: list[int] = []
     labels: list[int] = []
     for text, supervised in split_segments(turns, tokenizer, system=system):
