@@ -1,18 +1,20 @@
 """A small, deterministic byte-level BPE tokenizer with a ChatML chat template.
 
 It is the tokenizer of the `debug` LLM preset and of the tests: nothing can be downloaded here, so
-it is trained on the spot (about a second) from text that ships with Python (`pydoc_data.topics`,
-~465k characters) plus the demo data set's phrases, repeated so that every demo question and answer
-becomes a handful of tokens (and so do the chat template's role headers). Training is single-pass over fixed input and the BPE trainer breaks
-ties deterministically, so two builds give identical vocabularies and merges.
+it is trained on the spot (well under a second) from text that ships with Python
+(`pydoc_data.topics`, ~465k characters) plus the demo data set's phrases, repeated so that every
+demo question and answer, and the chat template's role headers, become a handful of tokens. The
+input is fixed and the BPE trainer breaks ties deterministically, so two builds give identical
+vocabularies and merges.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,15 @@ def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     The special tokens take ids 0-3 (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<image>`);
     `len(tokenizer) == vocab_size`.
     """
-    min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    # imported here so that the constants above (used by mllm.data.chat) cost no transformers import
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_size = len(SPECIAL_TOKENS) + 256
     if not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise ValueError(f"vocab_size must be an integer >= {min_size} (specials + 256 bytes), got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an integer >= {min_size} (specials + 256 bytes), got {vocab_size!r}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

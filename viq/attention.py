@@ -127,9 +127,31 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int, 
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest segment ({max(lengths)})")
 
 
+# Above this many packed tokens the sdpa backend attends segment by segment instead of through one
+# dense [N, N] mask: the mask's O(N^2) time and memory would otherwise dwarf the real O(sum n_i^2)
+# work on long packs (a 16K-token LLM row, a step's worth of images), on the CPU in particular.
+_DENSE_MAX_TOKENS = 1024
+
+
+def _sdpa_segments(q_NHD, k_NHD, v_NHD, lengths: list[int], scale: float, causal: bool) -> torch.Tensor:
+    outs = [
+        F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=causal,
+            scale=scale,
+        )[0].transpose(0, 1)
+        for q, k, v in zip(q_NHD.split(lengths), k_NHD.split(lengths), v_NHD.split(lengths), strict=True)
+    ]
+    return torch.cat(outs)
+
+
 def _sdpa_varlen(q_NHD, k_NHD, v_NHD, cu_seqlens, scale: float, causal: bool) -> torch.Tensor:
     n_tokens = q_NHD.shape[0]
     lengths_B = lengths_from_cu_seqlens(cu_seqlens.to(device=q_NHD.device, dtype=torch.long))
+    if n_tokens > _DENSE_MAX_TOKENS and lengths_B.numel() > 1:
+        return _sdpa_segments(q_NHD, k_NHD, v_NHD, lengths_B.tolist(), scale, causal)
     segments = torch.arange(lengths_B.numel(), device=q_NHD.device)
     segment_N = torch.repeat_interleave(segments, lengths_B, output_size=n_tokens)
     mask_NN = segment_N[:, None] == segment_N[None, :]

@@ -21,13 +21,19 @@ MIN_FREQ, MAX_FREQ = 0.2, 20.0
 
 
 def golden_frequencies(head_dim: int, n_heads: int) -> torch.Tensor:
-    """Frequency vectors ``[E, F, 2]`` (x and y components), float64."""
+    """Frequency vectors ``[E, F, 2]`` (x and y components), float32.
+
+    Computed step by step in float32 exactly as the released model does: its directions are the
+    float32 cosine/sine of float32 phases of up to ~600 rad, which differ from float64 phases by up to
+    6e-4 in the frequencies, far above float32 noise in the FSQ inputs.
+    """
+    f32 = torch.float32
     slots = head_dim // 2
     n_zero = round(ZERO_FRACTION * slots)
-    mags = torch.zeros(slots, dtype=torch.float64)
-    mags[n_zero:] = MIN_FREQ * (MAX_FREQ / MIN_FREQ) ** torch.linspace(0, 1, slots - n_zero, dtype=torch.float64)
-    phase = torch.arange(n_heads * slots, dtype=torch.float64).view(n_heads, slots) * GOLDEN_STEP
-    return torch.stack([mags * phase.cos(), mags * phase.sin()], dim=-1)
+    steps = torch.linspace(0, 1, slots - n_zero, dtype=f32)
+    mags = torch.cat([torch.zeros(n_zero, dtype=f32), MIN_FREQ * (MAX_FREQ / MIN_FREQ) ** steps])
+    phase = torch.arange(n_heads * slots).to(f32).view(n_heads, slots) * GOLDEN_STEP
+    return mags.unsqueeze(-1) * torch.stack([phase.cos(), phase.sin()], dim=-1)
 
 
 def grid_coordinates(h: int, w: int) -> torch.Tensor:
@@ -47,7 +53,8 @@ class GoldenRoPE2d(nn.Module):
         if angles not in ("float32", "activation"):
             raise ValueError(f"rope angles must be 'float32' or 'activation', got {angles!r}")
         self.angles = angles
-        self.register_buffer("freqs", golden_frequencies(head_dim, n_heads).float(), persistent=False)
+        # a plain attribute, not a buffer: casting the model to bf16 must not round the frequencies
+        self.freqs = golden_frequencies(head_dim, n_heads)
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def theta(self, grids: list[tuple[int, int]], device) -> torch.Tensor:
@@ -57,7 +64,8 @@ class GoldenRoPE2d(nn.Module):
             if len(self._cache) > 64:
                 self._cache.clear()
             pos = torch.cat([grid_coordinates(h, w) for h, w in grids]).to(device)
-            self._cache[key] = torch.einsum("nc,efc->nef", pos, self.freqs.to(device))
+            # two rounded products and one sum, as the released model computes them (no fused matmul)
+            self._cache[key] = (self.freqs.to(device) * pos[:, None, None, :]).sum(dim=-1)
         return self._cache[key]
 
     def forward(self, q_NER: torch.Tensor, k_NER: torch.Tensor, grids: list[tuple[int, int]]):

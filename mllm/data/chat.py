@@ -15,6 +15,9 @@ special token of the segment) are supervised. Template glue after that token (Ch
 not: generation stops at the end-of-turn token, so the model never has to produce what follows,
 and everything after it up to the next answer is fixed template text. Role headers, system and user
 turns and image placeholders are -100.
+
+A tokenizer without a chat template is rendered with ChatML (`mllm.tokenizer.CHATML_TEMPLATE`, the
+Qwen layout with its default system prompt), the format most instruction-tuned bases expect.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     except Exception as err:  # jinja raises many types; the caller needs one
         raise ConversationError("template error", f"the chat template failed: {err}") from err
     if not isinstance(text, str):
-        raise ConversationError("template error", f"the chat template returned {type(text).__name__}, not str")
+        raise ConversationError(
+            "template error", f"the chat template returned {type(text).__name__}, not str"
+        )
     return text
 
 

@@ -109,8 +109,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.image_kwargs = {"mode": image_mode, "area": image_area, "multiple": image_multiple,
-                             "min_area": min_area, "max_area": max_area}
+        self.image_kwargs = {
+            "mode": image_mode,
+            "area": image_area,
+            "multiple": image_multiple,
+            "min_area": min_area,
+            "max_area": max_area,
+        }
         self.max_seq_len = max_seq_len
         self.strict = strict
         self.skipped: Counter = Counter()
@@ -136,9 +141,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if self.skipped:
             logger.warning("kept %d of %d samples; skipped: %s", len(records), n_seen, dict(self.skipped))
         if not records:
-            raise ValueError(
-                f"no usable samples: all {n_seen} were skipped ({dict(self.skipped) or 'the input was empty'})"
-            )
+            why = dict(self.skipped) or "the input was empty"
+            raise ValueError(f"no usable samples: all {n_seen} were skipped ({why})")
         return records
 
     def _image_args(self, ref: ImageRef) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import numbers
 import random
 from collections.abc import Sequence
 
@@ -34,8 +35,11 @@ def pack_best_fit_decreasing(lengths: Sequence[int], max_seq_len: int) -> list[l
     if not isinstance(max_seq_len, int) or max_seq_len <= 0:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     for i, n in enumerate(lengths):
-        if not isinstance(n, int) or n <= 0 or n > max_seq_len:
-            raise ValueError(f"sample {i} has length {n!r}; lengths must be in [1, max_seq_len={max_seq_len}]")
+        if not isinstance(n, numbers.Integral) or n <= 0 or n > max_seq_len:
+            raise ValueError(
+                f"sample {i} has length {n!r}; lengths must be in [1, max_seq_len={max_seq_len}]"
+            )
+    lengths = [int(n) for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # sorted (free space, bin index) of bins that are not full
@@ -70,7 +74,9 @@ class PackedDataset(torch.utils.data.Dataset):
         n_tokens = sum(dataset.lengths)
         logger.info(
             "packed %d samples into %d rows of <= %d tokens (%.1f%% filled)",
-            len(dataset.lengths), len(self.packs), max_seq_len,
+            len(dataset.lengths),
+            len(self.packs),
+            max_seq_len,
             100.0 * n_tokens / max(1, len(self.packs) * max_seq_len),
         )
 
@@ -100,10 +106,16 @@ def _flatten(items) -> list[dict]:
     return flat
 
 
-def _images(samples: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    pixel_values = [x for s in samples for x in s["pixel_values"]]
+def _images(samples: list[dict]) -> dict:
+    """The batch's visual inputs: `pixel_values`, or `codes` when the samples come from stored ViQ codes
+    (mllm.data.codes), with `image_grids`; images in sample order. A batch never mixes the two."""
+    kind = "codes" if any("codes" in s for s in samples) else "pixel_values"
+    values = [x for s in samples for x in s.get(kind, ())]
     grids = [s["image_grids"].reshape(-1, 2) for s in samples]
-    return pixel_values, torch.cat(grids).long() if grids else torch.zeros(0, 2, dtype=torch.long)
+    image_grids = torch.cat(grids).long() if grids else torch.zeros(0, 2, dtype=torch.long)
+    if len(values) != len(image_grids):
+        raise ValueError(f"{len(values)} {kind} for {len(image_grids)} image grids (pixels and codes mixed?)")
+    return {kind: values, "image_grids": image_grids}
 
 
 def collate_packed(items) -> dict:
@@ -118,14 +130,12 @@ def collate_packed(items) -> dict:
     cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
     labels[cu[:-1].long()] = IGNORE_INDEX
     position_ids = torch.cat([torch.arange(n) for n in lengths])
-    pixel_values, image_grids = _images(samples)
     return {
         "input_ids": input_ids[None],
         "labels": labels[None],
         "position_ids": position_ids[None],
         "cu_seq_lens": cu,
-        "pixel_values": pixel_values,
-        "image_grids": image_grids,
+        **_images(samples),
     }
 
 
@@ -143,11 +153,9 @@ def collate_padded(items, pad_token_id: int) -> dict:
         input_ids[b, :n] = s["input_ids"].reshape(-1)
         labels[b, :n] = s["labels"].reshape(-1)
         attention_mask[b, :n] = 1
-    pixel_values, image_grids = _images(samples)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": pixel_values,
-        "image_grids": image_grids,
+        **_images(samples),
     }

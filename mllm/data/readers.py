@@ -103,9 +103,13 @@ def record_to_sample(record, image_root: Path, fallback_id: str) -> Sample:
             raise RecordError(f"a turn must be an object, got {turn!r}")
         role = turn.get("role", turn.get("from"))
         # unknown roles pass through unchanged: the data set rejects and counts them
-        turns.append({"role": ROLE_ALIASES.get(role, role), "content": turn.get("content", turn.get("value"))})
+        turns.append(
+            {"role": ROLE_ALIASES.get(role, role), "content": turn.get("content", turn.get("value"))}
+        )
     sid = record.get("id")
-    meta = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations", "messages")}
+    meta = {
+        k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations", "messages")
+    }
     return Sample(
         id=fallback_id if sid is None else str(sid),
         turns=turns,
@@ -114,7 +118,9 @@ def record_to_sample(record, image_root: Path, fallback_id: str) -> Sample:
     )
 
 
-def _samples_from_records(records: Iterable, image_root: Path, stem: str, skipped: Counter | None) -> Iterator:
+def _samples_from_records(
+    records: Iterable, image_root: Path, stem: str, skipped: Counter | None
+) -> Iterator:
     for i, record in enumerate(records):
         try:
             yield record_to_sample(record, image_root, f"{stem}-{i}")
@@ -214,7 +220,9 @@ def _webdataset_sample(tar, key: str, members: dict, cache_dir: Path) -> Sample:
     if image_exts and isinstance(record, dict):
         member = members[image_exts[0]]
         if key.startswith("/") or ".." in key.split("/"):
-            raise RecordError(f"unsafe member name {member.name!r}: it would be extracted outside {cache_dir}")
+            raise RecordError(
+                f"unsafe member name {member.name!r}: it would be extracted outside {cache_dir}"
+            )
         dest = cache_dir / (key + image_exts[0])
         _extract(tar, member, dest)
         resize = record.get("resize")

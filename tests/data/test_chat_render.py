@@ -20,8 +20,10 @@ def supervised(out):
 
 
 def test_single_turn_chatml(tok):
-    turns = [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
-             {"role": "assistant", "content": "The circle is red."}]
+    turns = [
+        {"role": "user", "content": "<image>\nWhat colour is the circle?"},
+        {"role": "assistant", "content": "The circle is red."},
+    ]
     out = render_conversation(turns, tok)
     assert len(out["input_ids"]) == len(out["labels"])
     # exactly the answer and its end-of-turn token; no header token, no trailing "\n"
@@ -39,19 +41,28 @@ def test_single_turn_chatml(tok):
 
 
 def test_multi_turn_and_llava_keys(tok):
-    llava = [{"from": "human", "value": "<image>\nCount them."}, {"from": "gpt", "value": "3"},
-             {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "blue"}]
+    llava = [
+        {"from": "human", "value": "<image>\nCount them."},
+        {"from": "gpt", "value": "3"},
+        {"from": "human", "value": "And the colour?"},
+        {"from": "gpt", "value": "blue"},
+    ]
     out = render_conversation(llava, tok)
     assert supervised(out) == ids(tok, "3<|im_end|>") + ids(tok, "blue<|im_end|>")
-    role_content = [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]} for t in llava]
+    role_content = [
+        {"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]} for t in llava
+    ]
     assert render_conversation(role_content, tok) == out
     image_pos = out["input_ids"].index(tok.convert_tokens_to_ids("<image>"))
     assert out["labels"][image_pos] == IGNORE_INDEX
 
 
 def test_system_turn(tok):
-    turns = [{"role": "system", "content": "Answer in one word."},
-             {"role": "user", "content": "Shape?"}, {"role": "assistant", "content": "star"}]
+    turns = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Shape?"},
+        {"role": "assistant", "content": "star"},
+    ]
     out = render_conversation(turns, tok)
     text = tok.decode(out["input_ids"])
     assert text.startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
@@ -63,17 +74,24 @@ def test_system_turn(tok):
 
 
 def test_image_token_in_answer_unsupervised(tok):
-    out = render_conversation([{"role": "user", "content": "Draw"}, {"role": "assistant", "content": "<image> ok"}], tok)
+    out = render_conversation(
+        [{"role": "user", "content": "Draw"}, {"role": "assistant", "content": "<image> ok"}], tok
+    )
     assert supervised(out) == ids(tok, " ok<|im_end|>")
 
 
 def test_llama3_style_template(tok):
     llama = copy.deepcopy(tok)
-    llama.add_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                     special_tokens=True)
+    llama.add_tokens(
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True
+    )
     llama.chat_template = LLAMA3_STYLE
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red square"},
-             {"role": "user", "content": "again"}, {"role": "assistant", "content": "green"}]
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "red square"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "green"},
+    ]
     out = render_conversation(turns, llama)
     assert supervised(out) == ids(llama, "red square<|eot_id|>") + ids(llama, "green<|eot_id|>")
     assert out["input_ids"][0] == llama.convert_tokens_to_ids("<|begin_of_text|>")
@@ -92,7 +110,9 @@ def test_not_prefix_stable_template_rejected(tok):
     # the turn count up front changes as turns are added
     unstable.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="prefix-stable"):
-        render_conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], unstable)
+        render_conversation(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], unstable
+        )
 
 
 @pytest.mark.parametrize(
@@ -100,8 +120,16 @@ def test_not_prefix_stable_template_rejected(tok):
     [
         ([], "empty conversation", "no turns"),
         ([{"role": "user", "content": "hi"}], "no assistant turn", "no assistant turn"),
-        ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}], "unknown role", "'robot'"),
-        ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "malformed turn", "None"),
+        (
+            [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}],
+            "unknown role",
+            "'robot'",
+        ),
+        (
+            [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}],
+            "malformed turn",
+            "None",
+        ),
     ],
 )
 def test_errors(tok, turns, reason, match):

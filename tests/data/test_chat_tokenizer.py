@@ -1,6 +1,5 @@
-from transformers import AutoTokenizer
-
 import pytest
+from transformers import AutoTokenizer
 
 from mllm.data.demo import demo_corpus
 from mllm.tokenizer import CHATML_TEMPLATE, build_tokenizer
@@ -8,7 +7,12 @@ from mllm.tokenizer import CHATML_TEMPLATE, build_tokenizer
 
 def test_special_tokens_and_size(tok):
     assert len(tok) == 2048
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]) == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]) == [
+        0,
+        1,
+        2,
+        3,
+    ]
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
     assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 0)
     # special tokens are single ids even inside text
@@ -39,7 +43,9 @@ def test_chat_template(tok):
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     custom = [{"role": "system", "content": "Be brief."}, *msgs]
-    assert tok.apply_chat_template(custom, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert tok.apply_chat_template(custom, tokenize=False).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user"
+    )
 
 
 def test_save_load_round_trip(tok, tmp_path):

@@ -1,0 +1,139 @@
+"""The ``viq`` console script: ``viq <command> [RECIPE.yaml] [key=value ...]``.
+
+Multi-process runs use the standard launchers with the same arguments, e.g.
+``torchrun --nproc_per_node 8 -m mllm.cli train recipes/qwen2.5/sft_lora.yaml`` or
+``deepspeed --num_gpus 8 --module mllm.cli train recipes/qwen2.5/sft_full.yaml
+train.deepspeed=recipes/deepspeed/zero3.json``. The deepspeed launcher's ``--local_rank`` is accepted
+and ignored (the rank comes from the environment the launcher sets up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from viq.configio import ConfigError
+
+log = logging.getLogger("mllm")
+
+TRAIN_HELP = """Train an MLLM from a recipe. Overrides are dotted key=value pairs parsed as YAML, e.g.
+  viq train recipes/debug/sft_lora.yaml train.max_steps=20 model.llm=/path/to/hf_model
+Stable keys: model.llm (preset name, local HF directory or hub id), train.output_dir, train.max_steps.
+Resume with train.resume=true (last checkpoint in train.output_dir) or
+train.resume_from_checkpoint=DIR."""
+
+EXPORT_HELP = """Merge LoRA into the LLM and write a self-describing directory: llm/ (a plain Hugging Face
+model directory that loads with AutoModelForCausalLM), viq_tokenizer/, visual.safetensors (projector
+and visual weights) and mllm_config.yaml."""
+
+STUBS = {
+    "extract": "Extract ViQ codes offline from a data set (multi-rank, resumable, sharded).",
+    "bench": "Measure training throughput (packed vs padded, continuous vs discrete).",
+    "eval": "Generate answers and score accuracy; reconstruction metrics for the tokenizer.",
+    "demo": "Generate the bundled demo data set and run the end-to-end demo.",
+    "generate": "Generate text from an exported MLLM directory and images.",
+}
+
+
+class RankZeroFilter(logging.Filter):
+    """Drops records on every process but global rank 0."""
+
+    def __init__(self, launcher_rank: int):
+        super().__init__()
+        self.launcher_rank = launcher_rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else self.launcher_rank
+        return rank == 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    # the launchers (torchrun, deepspeed) publish the process rank as RANK before any process group exists
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RankZeroFilter(int(os.environ.get("RANK", "0"))))
+    for name in ("mllm", "viq"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(f, RankZeroFilter) for h in logger.handlers for f in h.filters):
+            logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = i + 1 < len(argv)
+            continue
+        out.append(arg)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mllm.config import load_recipe
+    from mllm.train import run_training
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mllm.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    print(out)
+    return 0
+
+
+def cmd_stub(args: argparse.Namespace) -> int:
+    print(f"viq {args.command}: not built yet", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viq", description="ViQ tokenizer and MLLM training toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="train an MLLM from a recipe", description=TRAIN_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("recipe", help="recipe YAML (recipes/<family>/<stage>.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.set_defaults(func=cmd_train)
+    export = sub.add_parser("export", help="merge LoRA and export a self-describing MLLM directory",
+                            description=EXPORT_HELP)
+    export.add_argument("checkpoint", help="a checkpoint or output directory written by viq train")
+    export.add_argument("--out", required=True, help="export directory")
+    export.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="weight dtype of the export (default: the recipe's; auto = fp32 on CPU)")
+    export.set_defaults(func=cmd_export)
+    for name, text in STUBS.items():
+        stub = sub.add_parser(name, help=text, description=text)
+        stub.add_argument("args", nargs=argparse.REMAINDER, help="recipe and key=value overrides")
+        stub.set_defaults(func=cmd_stub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        parser.error(str(err))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The MLLM training recipe as a tree of frozen dataclasses (YAML is its serialisation, viq.configio).
+
+Stable override keys: ``model.llm`` (preset name, local HF directory or hub id), ``train.output_dir``,
+``train.max_steps``. A required field has no default. Values that depend on the machine ("auto" dtype
+and attention) are resolved in one place: :func:`resolve_dtype` and :func:`resolve_attention`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from viq.configio import ConfigError, dump_yaml, load_config
+
+Part = Literal["tower", "head", "embedder", "projector", "llm"]
+PARTS: tuple[str, ...] = ("tower", "head", "embedder", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    llm: str  # preset name (mllm.llm.LLM_PRESETS), local HF directory, or hub id
+    tokenizer: str  # ViQ tokenizer preset name (viq.config.PRESETS) or a ViQ tokenizer directory
+    visual: Literal["continuous", "discrete"] = "discrete"
+    siglip2: str | None = None  # SigLIP2 HF directory that replaces the tower of a continuous run
+    use_head: bool = False  # continuous: run the quantization head too (the LLM sees quantized features)
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; trainable weights stay fp32
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    tower: bool = False
+    head: bool = False
+    embedder: bool = False
+    projector: bool = True
+    llm: Literal["full", "lora", "frozen"] = "full"
+
+
+@dataclass(frozen=True)
+class LrConfig:
+    """Per-part learning rates; null means ``train.learning_rate``."""
+
+    projector: float | None = None
+    tower: float | None = None
+    head: float | None = None
+    embedder: float | None = None
+    llm: float | None = None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    dora: bool = False
+    targets: tuple[str, ...] | None = None  # null: mllm.llm.LORA_TARGETS of the LLM family
+
+    def __post_init__(self):
+        if self.r <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lora.r and lora.alpha must be positive, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str  # annotation file or directory (mllm.data.readers.read_samples)
+    image_root: str | None = None  # null: the annotation file's folder
+    eval: str | None = None
+    max_seq_len: int = 2048
+    packing: bool = True  # padding-free packing (one packed row per device batch)
+    image_mode: Literal["resize", "none", "square_crop"] = "resize"
+    image_area: int = 384 * 384
+    image_multiple: int = 32
+    min_area: int | None = None
+    max_area: int | None = None
+    strict: bool = False  # raise on a bad sample instead of skipping it (counted, logged)
+    demo: bool = False  # generate the bundled demo data set into train's folder when train is missing
+    demo_samples: int = 1000  # training samples of a generated demo set (val and test get a tenth)
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "image_area", "image_multiple", "demo_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    max_steps: int = -1  # > 0 overrides num_epochs
+    num_epochs: float = 1.0
+    per_device_batch_size: int = 1  # packs (packing) or samples (padded) per device and micro-step
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    eval_steps: int | None = None  # null: evaluate data.eval (if set) only at the end
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None  # a ZeRO json (recipes/deepspeed/zero{1,2,3}.json)
+    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "viq"
+    dataloader_workers: int = 0
+    resume: bool = False  # continue from the last checkpoint-* in output_dir
+    resume_from_checkpoint: str | None = None  # or from this checkpoint directory
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ConfigError(f"set train.max_steps > 0 or train.num_epochs > 0 (got {self.max_steps}, "
+                              f"{self.num_epochs})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.dataloader_workers < 0:
+            raise ConfigError(f"train.dataloader_workers must be >= 0, got {self.dataloader_workers}")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lr: LrConfig = field(default_factory=LrConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        if self.model.visual == "discrete" and (self.trainable.tower or self.trainable.head):
+            raise ConfigError("trainable.tower/head need model.visual=continuous (discrete: no tower)")
+        if self.model.visual == "continuous" and self.trainable.embedder:
+            raise ConfigError("trainable.embedder needs model.visual=discrete (a continuous run with "
+                              "use_head trains the head's embedder as part of trainable.head)")
+        if self.trainable.head and not self.model.use_head:
+            raise ConfigError("trainable.head=true needs model.use_head=true")
+        if self.model.visual == "discrete" and self.model.siglip2:
+            raise ConfigError(f"model.siglip2={self.model.siglip2!r} only applies to model.visual=continuous")
+
+    def part_lr(self, part: str) -> float:
+        lr = getattr(self.lr, part)
+        return self.train.learning_rate if lr is None else lr
+
+
+def load_recipe(path: str | Path | None, overrides=()) -> RecipeConfig:
+    return load_config(RecipeConfig, path, overrides)
+
+
+def save_recipe(cfg: RecipeConfig, path: str | Path) -> None:
+    dump_yaml(cfg, path)
+
+
+def resolve_dtype(name: str, cuda: bool | None = None) -> torch.dtype:
+    """"auto": bf16 on CUDA, fp32 on CPU."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    if name not in table:
+        raise ValueError(f"model.dtype {name!r} is not one of auto, float32, bfloat16")
+    return table[name]
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(name: str, cuda: bool | None = None) -> str:
+    """"auto": flash_attention_2 when flash-attn is installed and CUDA is there, else sdpa (which
+    takes the packed-sequence mask transformers derives from position_ids)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "auto":
+        return "flash_attention_2" if cuda and flash_attn_available() else "sdpa"
+    if name == "flash_attention_2" and not flash_attn_available():
+        raise ValueError("model.attn_implementation='flash_attention_2' but flash-attn is not installed")
+    return name
