@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from viq.quantize import FSQ, FSQ_PRESETS, LIMITS, ProximalBottleneck, apply_limit, fsq_levels
+from viq.quantize import FSQ, FSQ_PRESETS, LIMITS, apply_limit, fsq_levels
 
 PRESETS = sorted(FSQ_PRESETS)
 
@@ -233,24 +233,3 @@ def test_other_limits():
     assert apply_limit(u, "none") is u
     with pytest.raises(ValueError, match="'linfinity'"):
         apply_limit(u, "linfinity")
-
-
-@pytest.mark.parametrize("limit", LIMITS)
-def test_proximal_bottleneck_shapes_keys_and_gradients(limit):
-    torch.manual_seed(7)
-    pb = ProximalBottleneck(48, bottleneck_dim=16, limit=limit)
-    assert set(pb.state_dict()) == {"project_in.weight", "project_in.bias",
-                                    "project_out.weight", "project_out.bias"}
-    x = torch.randn(2, 10, 48)
-    y = pb(x)
-    assert y.shape == x.shape
-    expected = pb.project_out(apply_limit(pb.project_in(x), limit, 1e-6))
-    assert torch.equal(y, expected)
-    y.square().sum().backward()
-    assert pb.project_in.weight.grad is not None
-    assert pb.project_in.weight.grad.abs().sum() > 0 and math.isfinite(pb.project_in.weight.grad.sum())
-
-
-def test_proximal_bottleneck_bad_limit():
-    with pytest.raises(ValueError, match="'l1'"):
-        ProximalBottleneck(8, limit="l1")

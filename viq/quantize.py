@@ -3,7 +3,7 @@
 Shape legend (suffixes on tensor names):
     N   any leading shape (packed tokens, or batch x sequence); FSQ accepts it whole
     D   model width at the bottleneck's input and output
-    B   bottleneck width of `ProximalBottleneck`
+    B   bottleneck width of the proximal (stage 2-1) limit
     d   FSQ dimensions, one per entry of `levels`
     K   codebook size, prod(levels)
 
@@ -195,30 +195,3 @@ def apply_limit(u_NB: torch.Tensor, limit: str, eps: float = 1e-6) -> torch.Tens
         else:
             out_NB = torch.tanh(u32_NB)
     return out_NB.to(u_NB.dtype)
-
-
-class ProximalBottleneck(nn.Module):
-    """Stage 2-1 "fake quantizer": x [N, D] -> project_in -> limit -> project_out -> x_hat [N, D].
-
-    The attribute names `project_in` / `project_out` are part of the checkpoint key map.
-    """
-
-    def __init__(self, dim: int, bottleneck_dim: int = 128, limit: str = "linf", eps: float = 1e-6):
-        super().__init__()
-        if limit not in LIMITS:
-            raise ValueError(f"unknown limit {limit!r}; valid limits: {list(LIMITS)}")
-        if dim < 1 or bottleneck_dim < 1:
-            raise ValueError(
-                f"dim and bottleneck_dim must be >= 1, got dim={dim}, bottleneck_dim={bottleneck_dim}"
-            )
-        self.limit = limit
-        self.eps = float(eps)
-        self.project_in = nn.Linear(dim, bottleneck_dim)
-        self.project_out = nn.Linear(bottleneck_dim, dim)
-
-    def extra_repr(self) -> str:
-        return f"limit={self.limit!r}, eps={self.eps}"
-
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        u_NB = self.project_in(x_ND)
-        return self.project_out(apply_limit(u_NB, self.limit, self.eps))

@@ -1,18 +1,13 @@
 """Load the ViQ authors' converted inference weights (``XuminYu/ViQ_weights``) into a ViQTokenizer.
 
-A release directory ``converted_<size>/`` holds three files (names, shapes and dtypes in
-shared/design/reference-weights.json):
-    model_viq_fsq_<size>.pth  float32: trunk, quantization head, and copies of the decode path
-    embedder.pth              bfloat16: their IndexEmbeder (codes -> features), with the FSQ codebook
-    index_drawer.pth          bfloat16: the embedder again, the pixel adapter and the latent head
-Every tensor is covered by one explicit rule: loaded, or (for the copies) checked equal to the tensor
-that is loaded after bf16 rounding, or ignored as external (``vae_head.vae.*``, the Qwen-Image VAE).
-A missing, unexpected, mis-shaped or inconsistent tensor is a ValueError naming file and tensor.
-
-The configuration reproduces their numerics: exact GELU, LayerNorm eps 1e-6 (1e-5 for the affine-free
-pre-norm and the residual MLPs), the 128x128 position table resized bilinearly without antialias, RoPE
-angles rounded to the activation dtype (``rope_angles="activation"``, a no-op in float32), the bf16
-codebook values read from the file, and preprocessing "none" (normalise, zero-pad to 16 pixels).
+``converted_<size>/`` holds ``model_viq_fsq_<size>.pth`` (fp32: trunk, head, copies of the decode path),
+``embedder.pth`` and ``index_drawer.pth`` (bf16: their IndexEmbeder, and it again plus the latent head).
+Every tensor has one explicit rule: loaded, or (a copy) checked equal after bf16 rounding to the tensor
+loaded, or ignored as external (``vae_head.vae.*``, the Qwen-Image VAE). Anything missing, unexpected,
+mis-shaped or inconsistent is a ValueError naming file and tensor. The configuration reproduces their
+numerics: exact GELU, LayerNorm eps 1e-6 (1e-5 for the affine-free pre-norm and the residual MLPs), the
+position table resized bilinearly without antialias, RoPE angles rounded to the activation dtype, the
+bf16 codebook from the file, and preprocessing "none" (normalise, zero-pad to 16 pixels).
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ log = logging.getLogger(__name__)
 WIDTH = 1536
 FILES = ("model_viq_fsq", "embedder", "index_drawer")
 EXTERNAL = re.compile(r"vae_head\.vae\..+")  # the Qwen-Image VAE (model_viq_fsq and index_drawer)
-# which file's tensor is loaded for a target; the others hold copies that must agree with it
 _PRIMARY = (("head.embedder.", "embedder"), ("decoder.", "index_drawer"))
 _FIELDS = {
     "i": r"\d+",
@@ -72,19 +66,25 @@ def _compile(template: str) -> re.Pattern:
                               for k, p in enumerate(parts)))
 
 
+def _levels(size: str) -> tuple[int, ...]:
+    if size not in FSQ_PRESETS:
+        raise ValueError(f"unknown ViQ size {size!r}; choose one of {sorted(FSQ_PRESETS)}")
+    return FSQ_PRESETS[size]
+
+
 def file_names(size: str) -> dict[str, str]:
+    """The file of each part (keys ``FILES``) in a ``converted_<size>`` directory."""
+    _levels(size)
     return {"model_viq_fsq": f"model_viq_fsq_{size}.pth", "embedder": "embedder.pth",
             "index_drawer": "index_drawer.pth"}
 
 
 def reference_config(size: str, depth: int = 40, rope_angles: str = "activation") -> TokenizerConfig:
     """The compatibility configuration of the released tokenizer of a size ("2k" ... "64k")."""
-    if size not in FSQ_PRESETS:
-        raise ValueError(f"unknown ViQ size {size!r}; choose one of {sorted(FSQ_PRESETS)}")
     g = preset("g")
     enc = EncoderConfig(width=WIDTH, depth=depth, num_heads=16, mlp_hidden=4 * WIDTH, patch_size=16,
                         pos_grid=128, gelu="none", norm_eps=1e-6, pos_antialias=False)
-    head = dataclasses.replace(g.head, levels=FSQ_PRESETS[size], rope_angles=rope_angles)
+    head = dataclasses.replace(g.head, levels=_levels(size), rope_angles=rope_angles)
     dec = DecoderConfig(width=WIDTH, blocks=3, num_heads=16, mlp_hidden=4 * WIDTH, out_channels=16,
                         upscale=2, norm_groups=32, norm_eps=1e-6)
     return TokenizerConfig(name=f"viq-reference-{size}", encoder=enc, head=head, decoder=dec,
@@ -126,42 +126,36 @@ def reference_rules(cfg: TokenizerConfig) -> dict[str, list[Rule]]:
 
 
 def _forward(rules: list[Rule], key: str) -> str | None:
-    return next((t for t in (r.forward(key) for r in rules) if t is not None), None)
+    return next(filter(None, (r.forward(key) for r in rules)), None)
 
 
 def _backward(rules: list[Rule], target: str) -> str | None:
-    return next((s for s in (r.backward(target) for r in rules) if s is not None), None)
+    return next(filter(None, (r.backward(target) for r in rules)), None)
 
 
-def _primary(target: str) -> str:
+def _primary(target: str) -> str:  # the file whose tensor is loaded; the others hold checked copies
     return next((f for prefix, f in _PRIMARY if target.startswith(prefix)), "model_viq_fsq")
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"ViQ reference weights: {path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise ValueError(f"cannot read {path}: {err}") from err
-    try:  # files in torch's legacy (non-zip) format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error
-        raise ValueError(f"cannot read {path}: {err}") from err
+    for mmap in (True, False):  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is a user error
+            error = err
+    raise ValueError(f"cannot read {path}: {error}") from error
 
 
 def _check_size(files: Mapping[str, Mapping[str, torch.Tensor]], size: str, names: dict[str, str]) -> None:
     """The levels of ``size`` must match project_in and the codebook rows (a file of another size)."""
-    levels = FSQ_PRESETS[size]
+    levels = _levels(size)
     w = files["model_viq_fsq"].get("fusion_block.vq_low.project_in.weight")
-    if w is None:
-        raise ValueError(f"{names['model_viq_fsq']} has no fusion_block.vq_low.project_in.weight: "
-                         "not a ViQ encoder file")
-    if tuple(w.shape) != (len(levels), WIDTH):
+    if w is None or tuple(w.shape) != (len(levels), WIDTH):
         raise ValueError(f"{names['model_viq_fsq']}: fusion_block.vq_low.project_in.weight has shape "
-                         f"{tuple(w.shape)}, but size {size!r} (levels {levels}) needs "
-                         f"({len(levels)}, {WIDTH})")
+                         f"{None if w is None else tuple(w.shape)}, but size {size!r} (levels {levels}) "
+                         f"needs ({len(levels)}, {WIDTH})")
     for f in ("embedder", "index_drawer"):
         cb = files[f].get("ori_codebook.weight")
         if cb is not None and tuple(cb.shape) != (math.prod(levels), len(levels)):
@@ -176,19 +170,14 @@ def _trunk_depth(state: Mapping[str, torch.Tensor], name: str) -> int:
     return len(ids)
 
 
-def _adapt_trunk(state: dict[str, torch.Tensor], patch: int, grid: int) -> dict[str, torch.Tensor]:
-    """Resample a raw SigLIP2 24x24 position table and a non-16x16 patch kernel, as their loader does."""
-    state = dict(state)
+def _resize_pos_embed(state: Mapping[str, torch.Tensor], grid: int) -> Mapping[str, torch.Tensor]:
+    """A raw SigLIP2 24x24 position table -> grid x grid, bicubic, as their loader does."""
     pos = state.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape[1] == 576:
-        table = pos.float().reshape(1, 24, 24, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)
-        state["pos_embed"] = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-    kernel = state.get("patch_embed.proj.weight")
-    if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] != patch:
-        state["patch_embed.proj.weight"] = F.interpolate(kernel.float(), size=(patch, patch), mode="bicubic",
-                                                         align_corners=False)
-    return state
+    if pos is None or pos.ndim != 3 or pos.shape[1] != 576:
+        return state
+    table = pos.float().reshape(1, 24, 24, -1).permute(0, 3, 1, 2)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)
+    return {**state, "pos_embed": table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)}
 
 
 def _route(files, rules, names) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
@@ -232,11 +221,9 @@ def _collect(routed, rules, names, own: Mapping[str, torch.Tensor]) -> dict[str,
     state, missing, shapes = {}, [], []
     for target in own:
         sources = routed.get(target, {})
-        for f in FILES:
-            theirs = _backward(rules[f], target)
-            if theirs is not None and f not in sources:
-                missing.append(f"{names[f]}: {theirs}")
-        if not any(_backward(rules[f], target) for f in FILES):
+        expected = {f: s for f in FILES if (s := _backward(rules[f], target)) is not None}
+        missing += [f"{names[f]}: {s}" for f, s in expected.items() if f not in sources]
+        if not expected:
             missing.append(f"(no rule for {target})")
         if _primary(target) not in sources:
             continue
@@ -254,12 +241,10 @@ def _collect(routed, rules, names, own: Mapping[str, torch.Tensor]) -> dict[str,
 
 @contextmanager
 def _no_random_init() -> Iterator[None]:
-    """Skip the random initialisation of Linear/Conv weights (about half of the load time): every
-    parameter is overwritten by the strict load that follows."""
-    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
+    """Skip the random init of Linear/Conv weights (half the build time): the strict load overwrites all."""
+    saved = {n: getattr(torch.nn.init, n) for n in ("kaiming_uniform_", "uniform_", "trunc_normal_")}
     try:
-        for n in names:
+        for n in saved:
             setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
         yield
     finally:
@@ -277,14 +262,12 @@ def _check_codebook(model: ViQTokenizer, name: str) -> None:
 def reference_tokenizer(files: Mapping[str, Mapping[str, torch.Tensor]], size: str, *,
                         dtype: torch.dtype = torch.float32, rope_angles: str = "activation") -> ViQTokenizer:
     """The three files' state dicts (keys ``FILES``) -> a ViQTokenizer in eval mode, strictly."""
-    if size not in FSQ_PRESETS:
-        raise ValueError(f"unknown ViQ size {size!r}; choose one of {sorted(FSQ_PRESETS)}")
     names = file_names(size)
     if set(files) != set(FILES):
         raise ValueError(f"expected the state dicts of {list(FILES)}, got {sorted(files)}")
     _check_size(files, size, names)
     cfg = reference_config(size, _trunk_depth(files["model_viq_fsq"], names["model_viq_fsq"]), rope_angles)
-    files = {**files, "model_viq_fsq": _adapt_trunk(files["model_viq_fsq"], 16, cfg.encoder.pos_grid)}
+    files = {**files, "model_viq_fsq": _resize_pos_embed(files["model_viq_fsq"], cfg.encoder.pos_grid)}
     rules = reference_rules(cfg)
     routed = _route(files, rules, names)
     _check_copies(routed, names)
@@ -312,7 +295,5 @@ def load_reference(path: str | Path, size: str | None = None, *, dtype: torch.dt
         size = m.group(1)
     elif path.name != f"converted_{size}" and (path / f"converted_{size}").is_dir():
         path = path / f"converted_{size}"
-    if size not in FSQ_PRESETS:
-        raise ValueError(f"unknown ViQ size {size!r}; choose one of {sorted(FSQ_PRESETS)}")
     files = {f: _read(path / n) for f, n in file_names(size).items()}
     return reference_tokenizer(files, size, dtype=dtype, rope_angles=rope_angles)

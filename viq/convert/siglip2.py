@@ -8,9 +8,9 @@ bilinear resize of the position table, the final ``post_layernorm`` and the MAP 
 from __future__ import annotations
 
 import json
-import re
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch

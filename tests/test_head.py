@@ -1,0 +1,41 @@
+"""Quantization head: the proximal (stage 2-1) variant and the head-wise RoPE attention."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from viq import ViQTokenizer
+from viq.config import preset
+from viq.quantize import LIMITS
+
+
+@pytest.mark.parametrize("limit", [lim for lim in LIMITS if lim != "none"])
+def test_proximal_head_limits_codes_and_trains(limit):
+    cfg = preset("debug")
+    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, quantizer=limit))
+    tok = ViQTokenizer(cfg).train()
+    out = tok([torch.rand(3, 64, 96) * 2 - 1, torch.rand(3, 32, 32) * 2 - 1])
+    assert out.head.indices is None
+    assert out.head.codes.shape[-1] == cfg.head.bottleneck_dim
+    if limit == "linf":  # every sub-token lies on the surface of the unit hypercube
+        assert torch.allclose(out.head.codes.abs().amax(-1), torch.ones(()))
+    if limit == "l2":
+        assert torch.allclose(out.head.codes.norm(dim=-1), torch.ones(()), atol=1e-5)
+    out.head.features.square().mean().backward()
+    assert tok.head.project_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="proximal"):
+        tok.encode([torch.rand(3, 32, 32)])
+
+
+def test_subcodes_attend_only_to_their_own_head_across_patches():
+    """Changing one patch's input changes other patches' codes only through attention within the image,
+    and never the codes of another packed image."""
+    tok = ViQTokenizer.from_preset("debug", seed=3).eval()
+    a, b = torch.rand(3, 64, 64) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1
+    a2 = a.clone()
+    a2[:, :16, :16] = -a2[:, :16, :16]
+    with torch.no_grad():
+        x, y = tok([a, b]).head.features.split(16), tok([a2, b]).head.features.split(16)
+    assert torch.equal(x[1], y[1])
+    assert not torch.allclose(x[0][5:], y[0][5:])  # context reaches other patches of the same image
