@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from viq.quantize import FSQ, FSQ_PRESETS, LIMITS, apply_limit, fsq_levels
+from viq.quantize import FSQ, FSQ_PRESETS, apply_limit, fsq_levels
 
 PRESETS = sorted(FSQ_PRESETS)
 
