@@ -153,9 +153,9 @@ def _check_size(files: Mapping[str, Mapping[str, torch.Tensor]], size: str, name
     levels = _levels(size)
     w = files["model_viq_fsq"].get("fusion_block.vq_low.project_in.weight")
     if w is None or tuple(w.shape) != (len(levels), WIDTH):
-        raise ValueError(f"{names['model_viq_fsq']}: fusion_block.vq_low.project_in.weight has shape "
-                         f"{None if w is None else tuple(w.shape)}, but size {size!r} (levels {levels}) "
-                         f"needs ({len(levels)}, {WIDTH})")
+        got = "is missing" if w is None else f"has shape {tuple(w.shape)}"
+        raise ValueError(f"{names['model_viq_fsq']}: fusion_block.vq_low.project_in.weight {got}, but size "
+                         f"{size!r} (levels {levels}) needs ({len(levels)}, {WIDTH})")
     for f in ("embedder", "index_drawer"):
         cb = files[f].get("ori_codebook.weight")
         if cb is not None and tuple(cb.shape) != (math.prod(levels), len(levels)):
