@@ -164,7 +164,10 @@ def enable_gradient_checkpointing(model: MLLM) -> None:
     # non-reentrant checkpointing works with frozen inputs (LoRA, frozen embeddings) without the
     # enable_input_require_grads hook that the reentrant variant needs
     llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(llm, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for name in ("encoder", "head"):
         module = getattr(model.visual, name, None)
         if module is not None:
@@ -192,8 +195,9 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     cast_frozen(model, dtype)
     if code_encoder is not None:
         code_encoder.to(dtype)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    # under ZeRO-3 the LLM is built partitioned: numel() is this rank's share, ds_numel the whole
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info("built MLLM (llm=%s, visual=%s, attention=%s, dtype=%s): %.2fM of %.2fM parameters trainable",
              cfg.model.llm, cfg.model.visual, attn, dtype, n_train / 1e6, n_all / 1e6)
     return BuiltModel(model, text_tok, code_encoder, dtype)

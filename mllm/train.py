@@ -195,6 +195,9 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
         label_names=["labels"],
         average_tokens_across_devices=True,
         disable_tqdm=not t.progress_bar,
+        # without a GPU accelerate only sets up gloo ranks (torchrun, deepspeed on CPU) when told so;
+        # otherwise every rank believes it is alone and trains on the full data
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -237,6 +240,16 @@ def resume_target(cfg: RecipeConfig) -> str | None:
     return last
 
 
+def _init_deepspeed_comm(args: TrainingArguments) -> None:
+    # on CPU, accelerate starts torch.distributed itself (gloo) and leaves deepspeed.comm down; ZeRO-3's
+    # zero.Init, which transformers uses while building the LLM, then sees a world of one. On GPU
+    # accelerate has initialised deepspeed.comm already and this is a no-op.
+    if args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
 def _init_wandb(cfg: RecipeConfig, args: TrainingArguments) -> None:
     # start the run ourselves so that offline mode comes from the recipe, not the environment;
     # the Trainer's WandbCallback reuses an active run
@@ -253,6 +266,7 @@ def prepare_trainer(cfg: RecipeConfig) -> MLLMTrainer:
     # TrainingArguments come first: they start the process group (data is prepared on the first local
     # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
     args = training_arguments(cfg, resolve_dtype(cfg.model.dtype), has_eval=cfg.data.eval is not None)
+    _init_deepspeed_comm(args)
     built = build_mllm(cfg)
     with args.main_process_first(local=True, desc="data preparation"):
         train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer)
