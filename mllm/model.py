@@ -96,12 +96,20 @@ class MLLM(nn.Module):
         if n_images == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} <image> positions but no images in the batch")
-            return embeds
+            return embeds + self._zero_visual_term().to(embeds.dtype)
         expected = sum(num_image_tokens(int(h), int(w)) for h, w in image_grids)
         if n_slots != expected:
             raise ValueError(f"{n_slots} <image> positions for {n_images} images needing {expected} tokens")
         vis = self.image_embeddings(pixel_values, codes, image_grids).to(embeds.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), vis)
+
+    def _zero_visual_term(self) -> torch.Tensor:
+        """0 * (sum of the trainable visual parameters): a text-only batch still gives them a (zero)
+        gradient, so DDP and ZeRO see the same parameters used on every rank."""
+        params = [p for m in (self.projector, self.visual) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.llm.device)
+        return sum(p.sum() for p in params) * 0.0
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
                 codes=None, image_grids=None, **kwargs):

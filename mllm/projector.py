@@ -27,14 +27,13 @@ class SoftmaxPool2x2(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
-    def forward(self, x_hwH: torch.Tensor) -> torch.Tensor:
-        h, w, hid = x_hwH.shape
-        win = x_hwH.reshape(h // 2, 2, w // 2, 2, hid).permute(0, 2, 1, 3, 4).reshape(h // 2, w // 2, 4, hid)
-        mean = win.mean(dim=2, keepdim=True).expand_as(win)
-        scores = self.score(torch.cat([win, mean], dim=-1))
+    def forward(self, win_W4H: torch.Tensor) -> torch.Tensor:
+        """``[W, 4, H]`` windows -> ``[W, H]`` pooled vectors."""
+        mean = win_W4H.mean(dim=1, keepdim=True).expand_as(win_W4H)
+        scores = self.score(torch.cat([win_W4H, mean], dim=-1))
         # the softmax over the 4 window positions is numerically delicate under bf16: fp32 island
-        weights = torch.softmax(scores.float(), dim=2).to(win.dtype)
-        return (weights * win).sum(dim=2)
+        weights = torch.softmax(scores.float(), dim=1).to(win_W4H.dtype)
+        return (weights * win_W4H).sum(dim=1)
 
 
 class Projector(nn.Module):
@@ -48,17 +47,28 @@ class Projector(nn.Module):
         self.image_begin = nn.Parameter(torch.randn(hidden) * std)
         self.image_end = nn.Parameter(torch.randn(hidden) * std)
 
-    def forward_image(self, x_NC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """One image's features -> its ``num_image_tokens(h, w)`` LLM embeddings."""
-        h, w = grid
-        num_image_tokens(h, w)
-        if x_NC.shape[0] != h * w:
-            raise ValueError(f"{x_NC.shape[0]} features do not match the patch grid ({h}, {w})")
-        y = self.proj2(F.gelu(self.pool(self.proj1(x_NC).reshape(h, w, -1))))
-        rows = torch.cat([y, self.image_newline.to(y.dtype).expand(h // 2, 1, -1)], dim=1)
-        return torch.cat(
-            [self.image_begin.to(y.dtype)[None], rows.reshape(-1, y.shape[-1]), self.image_end.to(y.dtype)[None]]
-        )
-
     def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-        return [self.forward_image(x, g) for x, g in zip(feats, grids, strict=True)]
+        """Per-image features -> per-image LLM embeddings, ``num_image_tokens(h, w)`` each.
+
+        Every layer runs once over all images of the batch (not once per image), so the number of
+        parameter uses per step is the same on every rank whatever its image count (ZeRO-3 relies on it).
+        """
+        if len(feats) != len(grids):
+            raise ValueError(f"{len(feats)} feature tensors for {len(grids)} grids")
+        windows = []
+        for x_NC, (h, w) in zip(feats, grids, strict=True):
+            num_image_tokens(h, w)
+            if x_NC.shape[0] != h * w:
+                raise ValueError(f"{x_NC.shape[0]} features do not match the patch grid ({h}, {w})")
+            # [h*w, C] -> [(h/2)*(w/2), 4, C]: each 2x2 window's vectors, windows in raster order
+            windows.append(x_NC.reshape(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(-1, 4, x_NC.shape[1]))
+        pooled = self.proj2(F.gelu(self.pool(self.proj1(torch.cat(windows)))))
+        out, start = [], 0
+        for h, w in grids:
+            n = (h // 2) * (w // 2)
+            rows = pooled[start:start + n].reshape(h // 2, w // 2, -1)
+            start += n
+            rows = torch.cat([rows, self.image_newline.to(rows.dtype).expand(h // 2, 1, -1)], dim=1)
+            out.append(torch.cat([self.image_begin.to(rows.dtype)[None], rows.reshape(-1, rows.shape[-1]),
+                                  self.image_end.to(rows.dtype)[None]]))
+        return out

@@ -1,0 +1,53 @@
+"""Projector contracts: token count and layout, 2x2 pooling, batched == per image, text-only batches."""
+
+import pytest
+import torch
+
+from mllm.projector import Projector, num_image_tokens
+
+
+def _naive(proj: Projector, x_NC, grid):
+    """Per-image reference: pool each 2x2 window of the projected grid, one row at a time."""
+    h, w = grid
+    y = proj.proj1(x_NC).reshape(h, w, -1)
+    rows = []
+    for r in range(0, h, 2):
+        row = []
+        for c in range(0, w, 2):
+            win = torch.stack([y[r, c], y[r, c + 1], y[r + 1, c], y[r + 1, c + 1]])
+            row.append(proj.proj2(torch.nn.functional.gelu(proj.pool(win[None])[0])))
+        rows.append(torch.stack(row + [proj.image_newline]))
+    return torch.cat([proj.image_begin[None], torch.cat(rows), proj.image_end[None]])
+
+
+def test_token_count_formula():
+    assert num_image_tokens(24, 24) == 12 * 13 + 2 == 158
+    assert num_image_tokens(2, 8) == 1 * 5 + 2
+    for bad in [(3, 4), (0, 2), (2, -2)]:
+        with pytest.raises(ValueError, match="even"):
+            num_image_tokens(*bad)
+
+
+def test_batched_projector_equals_naive_per_image():
+    torch.manual_seed(0)
+    proj = Projector(16, 24)
+    grids = [(2, 2), (4, 6), (2, 8)]
+    feats = [torch.randn(h * w, 16) for h, w in grids]
+    out = proj(feats, grids)
+    for o, f, g in zip(out, feats, grids, strict=True):
+        assert o.shape == (num_image_tokens(*g), 24)
+        assert torch.allclose(o, _naive(proj, f, g), atol=1e-6)
+        assert torch.equal(o[0], proj.image_begin) and torch.equal(o[-1], proj.image_end)
+
+
+def test_pooling_of_a_constant_window_is_that_vector():
+    torch.manual_seed(1)
+    proj = Projector(8, 8)
+    v = torch.randn(1, 1, 8).expand(3, 4, 8)
+    assert torch.allclose(proj.pool(v), v[:, 0], atol=1e-6)
+
+
+def test_grid_mismatch_is_rejected():
+    proj = Projector(8, 8)
+    with pytest.raises(ValueError, match="do not match"):
+        proj([torch.randn(5, 8)], [(2, 2)])
