@@ -98,6 +98,8 @@ class BenchConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     llm_attn: Literal["viq_varlen", "sdpa", "flash_attention_2"] = "viq_varlen"
     embedder_trainable: bool = False
+    encoder_checkpointing: bool = False  # recompute the trainable tower's activations in the backward pass
+    llm_checkpointing: bool = False
     lr: float = 1e-5
     seed: int = 0
     peak_tflops: float | None = None  # for the MFU; default from the GPU's name
@@ -157,6 +159,7 @@ class Variant:
     times: list[float] = field(default_factory=list)
     peak: int | None = None
     loss: float | None = None
+    error: str | None = None  # set when the step does not fit in memory; the variant is then skipped
 
 
 def _build_tokenizer(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> ViQTokenizer:
@@ -164,7 +167,8 @@ def _build_tokenizer(cfg: BenchConfig, device: torch.device, dtype: torch.dtype)
     with torch.random.fork_rng(devices=[]), torch.device(device):  # initialise on the device: fast on a GPU
         torch.manual_seed(cfg.seed)
         tok = ViQTokenizer(tcfg)
-    return tok.to(dtype=dtype).eval()
+    tok.encoder.grad_checkpointing = cfg.encoder_checkpointing  # acts only while the tower trains
+    return tok.to(device=device, dtype=dtype).eval()
 
 
 def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device, dtype) -> list[Variant]:
@@ -208,13 +212,22 @@ def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device,
 def _time(variants_: list[Variant], bench: steps.Workbench, cfg: BenchConfig, device: torch.device) -> None:
     """Round-robin over the variants, one step each per round; rounds < warmup are not timed."""
     for r in range(cfg.warmup + cfg.steps):
-        for v in variants_:
+        for v in (v for v in variants_ if v.error is None):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             t0 = time.perf_counter()
-            loss = steps.train_step(bench, v.mode, v.batch, v.attn_kwargs)
-            _sync(device)
+            try:
+                loss = steps.train_step(bench, v.mode, v.batch, v.attn_kwargs)
+                _sync(device)
+            except torch.OutOfMemoryError:
+                # one mode too big for the device must not lose the others' figures: record and go on
+                v.error = "out of memory"
+                logger.warning("%s (%s) ran out of memory; it is left out", v.mode, "packed" if v.packed else "padded")
+                bench.optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             dt = time.perf_counter() - t0
             v.loss = loss if v.loss is None else v.loss
             if r >= cfg.warmup:
@@ -225,19 +238,20 @@ def _time(variants_: list[Variant], bench: steps.Workbench, cfg: BenchConfig, de
 
 
 def _record(v: Variant, case: CaseConfig, peak_flops: float | None) -> dict:
-    t = statistics.median(v.times)
+    t = statistics.median(v.times) if v.times else None
     return {
         "mode": v.mode,
         "llm": case.llm,
         "seq_len": case.seq_len,
         "packed": v.packed,
         "step_time_s": t,
-        "tokens_per_s": v.counts["llm_tokens"] / t,
+        "tokens_per_s": None if t is None else v.counts["llm_tokens"] / t,
         "peak_mem_bytes": v.peak,
-        "mfu": v.counts["llm_flops"] / t / peak_flops if peak_flops else None,
+        "mfu": v.counts["llm_flops"] / t / peak_flops if peak_flops and t else None,
         **v.counts,
         "step_times_s": v.times,
         "first_loss": v.loss,
+        "error": v.error,
     }
 
 
@@ -246,7 +260,7 @@ def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
     out = []
     for case in cfg.presets:
         recs = [r for r in records if r["llm"] == case.llm and r["seq_len"] == case.seq_len]
-        t = {(r["mode"], r["packed"]): r["step_time_s"] for r in recs}
+        t = {(r["mode"], r["packed"]): r["step_time_s"] for r in recs if r["step_time_s"] is not None}
         off = t.get(("viq-offline", True))
 
         def ratio(a, b):
@@ -261,9 +275,7 @@ def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
                 "seq_len": case.seq_len,
                 "saving_vs_continuous": _sub1(ratio(off, t.get(("continuous", True))), neg=True),
                 "overhead_vs_text_only": _sub1(ratio(off, t.get(("text-only", True)))),
-                "saving_vs_continuous_trainable": _sub1(
-                    ratio(off, t.get(("continuous-trainable", True))), neg=True
-                ),
+                "saving_vs_continuous_trainable": _sub1(ratio(off, t.get(("continuous-trainable", True))), neg=True),
                 "saving_vs_viq_online": _sub1(ratio(off, t.get(("viq-online", True))), neg=True),
                 "paper_saving": None if paper is None else 1 - paper[0] / paper[1],
                 "embedder_flops_fraction": None if emb is None else emb["visual_flops"] / emb["llm_flops"],
@@ -293,6 +305,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     for llm_name in dict.fromkeys(c.llm for c in cfg.presets):  # one LLM per name, for all its lengths
         spec = steps.llm_spec(llm_name, cfg.llm_shapes)
         llm = steps.build_llm(spec, dtype, device, cfg.llm_attn, cfg.seed)
+        if cfg.llm_checkpointing:  # transformers 5.2x renamed the method; the GPU image may hold an older one
+            getattr(llm, "activation_checkpointing_enable", llm.gradient_checkpointing_enable)()
         bench = steps.build_workbench(tok, llm, cfg.lr, cfg.embedder_trainable)
         for case in (c for c in cfg.presets if c.llm == llm_name):
             logger.info("benchmarking %s at %d tokens on %s", case.llm, case.seq_len, device)
@@ -304,9 +318,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": to_dict(cfg),
@@ -324,8 +336,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
 
-def _num(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
+def _num(x: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if x is None else format(x, fmt) + unit
 
 
 def markdown(result: dict) -> str:
@@ -344,7 +356,8 @@ def markdown(result: dict) -> str:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
         lines.append(
             f"| {r['llm']} | {r['seq_len']} | {r['mode']} | {'packed' if r['packed'] else 'padded'} | "
-            f"{r['step_time_s']:.4f} | {r['tokens_per_s']:.0f} | {_num(mem, '.2f')} | {_pct(r['mfu'])} | "
+            f"{_num(r['step_time_s'], '.4f')} | {_num(r['tokens_per_s'], '.0f')} | {_num(mem, '.2f')} | "
+            f"{_pct(r['mfu'])} | "
             f"{r['images']} | {r['patches']} |"
         )
     modes = cfg["padded_modes"]
@@ -355,7 +368,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|" + "---|" * len(modes),
     ]
     for s in result["summary"]:
-        speedups = " | ".join(_num(s["packed_speedup"].get(m), ".2f") + "x" for m in modes)
+        speedups = " | ".join(_num(s["packed_speedup"].get(m), ".2f", "x") for m in modes)
         lines.append(
             f"| {s['llm']} | {s['seq_len']} | {_pct(s['saving_vs_continuous'])} | "
             f"{_pct(s['paper_saving'])} | "
@@ -379,7 +392,7 @@ def plot(result: dict, path: Path) -> None:
         times = [
             next(
                 (
-                    r["step_time_s"]
+                    r["step_time_s"] or 0.0
                     for r in result["records"]
                     if (r["llm"], r["seq_len"], r["mode"], r["packed"]) == (*c, mode, True)
                 ),
@@ -398,9 +411,7 @@ def plot(result: dict, path: Path) -> None:
                 ha="center",
                 fontsize=8,
             )
-    ax.set_xticks(
-        [i + 0.4 - width / 2 for i in range(len(cases))], [f"{llm}\n{n}" for llm, n in cases], fontsize=8
-    )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{llm}\n{n}" for llm, n in cases], fontsize=8)
     ax.set_ylabel("seconds per training step (median)")
     ax.set_title(f"Training step by visual input mode ({result['device']})", fontsize=9)
     ax.legend(fontsize=7)
@@ -433,3 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_bench(load_config(BenchConfig, args.recipe, args.overrides))
     return 0
+
+
+if __name__ == "__main__":  # python -m mllm.bench RECIPE.yaml ... (scripts/gpu_bench.sh), without the viq CLI
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

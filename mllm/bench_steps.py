@@ -119,6 +119,7 @@ class Workbench:
 
 def build_workbench(tok: ViQTokenizer, llm, lr: float, embedder_trainable: bool) -> Workbench:
     image_token_id = llm.config.vocab_size - 1  # a synthetic placeholder id; nothing is tokenised here
+    llm.train()  # training mode: what a real step runs (and what gradient checkpointing needs)
     projector = Projector(tok.cfg.encoder.width, llm.config.hidden_size).to(
         device=tok.device, dtype=tok.encoder.pos_embed.dtype
     )
@@ -139,6 +140,7 @@ def set_trainable(bench: Workbench, mode: str) -> None:
     records no graph and saves no activation: the same cost as running it under torch.no_grad."""
     tok = bench.tokenizer
     tok.encoder.requires_grad_(mode == "continuous-trainable")
+    tok.encoder.train(mode == "continuous-trainable")  # train mode turns on its gradient checkpointing
     tok.head.requires_grad_(False)
     tok.head.embedder.requires_grad_(mode == "viq-offline" and bench.embedder_trainable)
 
@@ -214,9 +216,7 @@ def make_items(
         item = {
             "input_ids": torch.cat([prompt, span, answer]).long(),
             "labels": torch.cat([torch.full((s.prompt + s.image_tokens,), IGNORE_INDEX), answer]).long(),
-            "image_grids": torch.tensor(
-                [s.grid] if s.grid and kind != "text" else [], dtype=torch.long
-            ).reshape(-1, 2),
+            "image_grids": torch.tensor([s.grid] if s.grid and kind != "text" else [], dtype=torch.long).reshape(-1, 2),
         }
         if kind == "pixels":
             item["pixel_values"] = (
@@ -312,15 +312,13 @@ def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None) -
     total = 0.0
     for h_, w_ in grids:
         n = h_ * w_
-        embedder = (
-            n * 2.0 * ((e * w) ** 2 + e * w * w + 2 * w * w + head.post_blocks * 2 * w * head.post_hidden)
-        )
+        embedder = n * 2.0 * ((e * w) ** 2 + e * w * w + 2 * w * w + head.post_blocks * 2 * w * head.post_hidden)
         if path == "embedder":
             total += embedder
             continue
         total += 2.0 * n * 3 * enc.patch_size**2 * w + _vit_flops(n, w, enc.mlp_hidden, enc.depth)
         if path == "tower+head":
-            r, m = head.rope_dim, 4 * n  # the head-wise RoPE blocks run on e = 4 sub-tokens per patch
+            r, m = head.rope_dim, 4 * n  # head-wise RoPE blocks: e sub-tokens per patch, the heads
             rope = 2.0 * m * (2 * w * r + 4 * r * r + 2 * w * head.rope_mlp_hidden) + 4.0 * n * n * r * e
             total += _vit_flops(n, w, head.mlp_hidden, head.pre_blocks) + head.rope_blocks * rope
             total += 2.0 * n * (w * e * w + (e * w) ** 2 + e * 2 * w * w) + embedder

@@ -68,9 +68,7 @@ def load_tokenizer(spec: str | os.PathLike | ViQTokenizer) -> ViQTokenizer:
         return ViQTokenizer.from_pretrained(spec)
     if str(spec) in PRESETS:
         return ViQTokenizer.from_preset(str(spec))
-    raise ValueError(
-        f"tokenizer {str(spec)!r} is neither a tokenizer directory nor a preset ({sorted(PRESETS)})"
-    )
+    raise ValueError(f"tokenizer {str(spec)!r} is neither a tokenizer directory nor a preset ({sorted(PRESETS)})")
 
 
 # ------------------------------------------------------------------------------------- images
@@ -270,9 +268,7 @@ def extract(
     """
     if not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if not (
-        isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size
-    ):
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     tok = load_tokenizer(tokenizer)
     identity = tokenizer_identity(tok)  # before any dtype change: the identity is of the weights as saved
@@ -300,15 +296,9 @@ def extract(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out, plan)
-    mine = [
-        s
-        for s in range(rank, n_shards, world_size)
-        if not (out / f"{shard_name(s, n_shards)}.parquet").is_file()
-    ]
+    mine = [s for s in range(rank, n_shards, world_size) if not (out / f"{shard_name(s, n_shards)}.parquet").is_file()]
     todo = sum(len(items[s * shard_size : (s + 1) * shard_size]) for s in mine)
-    logger.info(
-        "rank %d/%d: %d of %d shards to encode (%d images)", rank, world_size, len(mine), n_shards, todo
-    )
+    logger.info("rank %d/%d: %d of %d shards to encode (%d images)", rank, world_size, len(mine), n_shards, todo)
     code_type = _code_type(tok.codebook_size)
     with (
         ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool,
@@ -335,9 +325,7 @@ def finalize(out: Path, plan: dict, dataset_path, n_samples: int) -> dict | None
     shards, failures = [], []
     for name in names:
         path = out / f"{name}.parquet"
-        shard_failures = [
-            json.loads(line) for line in (out / f"{name}.failures.jsonl").read_text().splitlines()
-        ]
+        shard_failures = [json.loads(line) for line in (out / f"{name}.failures.jsonl").read_text().splitlines()]
         failures += shard_failures
         rows = pq.ParquetFile(path).metadata.num_rows
         shards.append(
@@ -401,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "or deepspeed: each rank takes a disjoint set of shards.",
     )
     parser.add_argument("tokenizer", help="a saved ViQ tokenizer directory, or a preset name")
-    parser.add_argument(
-        "dataset", help="annotations (.json, .jsonl, .parquet, .tar, or a data set directory)"
-    )
+    parser.add_argument("dataset", help="annotations (.json, .jsonl, .parquet, .tar, or a data set directory)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--image-root", default=None, help="folder relative image paths resolve against")
     parser.add_argument("--batch-patches", type=int, default=16384, help="patches per encoder forward")

@@ -55,8 +55,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
     cu[1:] = lengths.cumsum(0)
     idx = torch.nonzero(valid).reshape(-1)
-    out_valid = varlen_attention(q[idx], k[idx], v[idx], cu, int(lengths.max()), scale=scaling, causal=True,
-                                 check_values=False)
+    out_valid = varlen_attention(
+        q[idx], k[idx], v[idx], cu, int(lengths.max()), scale=scaling, causal=True, check_values=False
+    )
     out = torch.zeros_like(q).index_copy(0, idx, out_valid)
     return out.reshape(batch, n, heads, dim), None
 

@@ -48,9 +48,7 @@ def write_dataset(root: Path, n: int = 7, corrupt: bool = True, seed: int = 0) -
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +88,7 @@ def test_shards_cost_at_most_two_bytes_per_code(tmp_path):
     n_codes = sum(len(r[2]) for r in rows)
     meta = pq.ParquetFile(path).metadata
     codes_col = [meta.schema.column(i).path for i in range(meta.num_columns)].index("codes.list.element")
-    codes_bytes = sum(
-        meta.row_group(g).column(codes_col).total_compressed_size for g in range(meta.num_row_groups)
-    )
+    codes_bytes = sum(meta.row_group(g).column(codes_col).total_compressed_size for g in range(meta.num_row_groups))
     assert codes_bytes <= 2 * n_codes
     assert path.stat().st_size <= 2 * n_codes + 8 * len(rows) + 4096  # grids and keys: a few bytes per image
     assert _code_type(65536) == pa.uint16() and _code_type(65537) == pa.int32()
@@ -131,21 +127,14 @@ def test_resume_after_a_lost_shard_is_byte_identical(extracted, tok, tmp_path):
     before = {n: (copy / n).stat().st_mtime_ns for n in ("codes-00000-of-00003.parquet",)}
     extract(tok, data, copy, shard_size=3, batch_patches=160, progress=False)
     assert digests(copy) == want
-    assert (copy / "codes-00000-of-00003.parquet").stat().st_mtime_ns == before[
-        "codes-00000-of-00003.parquet"
-    ]
+    assert (copy / "codes-00000-of-00003.parquet").stat().st_mtime_ns == before["codes-00000-of-00003.parquet"]
 
 
 def test_two_ranks_give_the_same_files(extracted, tok, tmp_path):
     data, out, _ = extracted
-    assert (
-        extract(tok, data, tmp_path, shard_size=3, batch_patches=160, rank=1, world_size=2, progress=False)
-        is None
-    )
+    assert extract(tok, data, tmp_path, shard_size=3, batch_patches=160, rank=1, world_size=2, progress=False) is None
     assert not (tmp_path / "manifest.json").exists()  # rank 0's shards are still missing
-    manifest = extract(
-        tok, data, tmp_path, shard_size=3, batch_patches=160, rank=0, world_size=2, progress=False
-    )
+    manifest = extract(tok, data, tmp_path, shard_size=3, batch_patches=160, rank=0, world_size=2, progress=False)
     assert manifest is not None and digests(tmp_path) == digests(out)
 
 

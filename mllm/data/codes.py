@@ -154,9 +154,7 @@ class CodeStore:
         self._index = {k: i for i, k in enumerate(keys)}
         self._grids = np.concatenate(grids) if grids else np.zeros((0, 2), np.int32)
         self._codes = np.concatenate(codes) if codes else np.zeros(0, np.uint16)
-        self._offsets = (
-            np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, np.int64)
-        )
+        self._offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, np.int64)
 
     @property
     def tokenizer(self) -> dict:
@@ -175,7 +173,10 @@ class CodeStore:
         return int(self.manifest["codebook_size"])
 
     def check_tokenizer(self, tokenizer) -> None:
-        """ValueError naming both tokenizers unless ``tokenizer`` has the manifest's config and weights."""
+        """ValueError naming both tokenizers unless ``tokenizer`` has the manifest's config and weights.
+
+        The weights hash covers their dtype: check the tokenizer as loaded, before casting it for training.
+        """
         want = tokenizer_identity(tokenizer) if isinstance(tokenizer, ViQTokenizer) else dict(tokenizer)
         have = self.tokenizer
         fields = ("config_sha256", "weights_sha256")
