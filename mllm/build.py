@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mllm.config import PARTS, RecipeConfig, resolve_attention, resolve_dtype
+from mllm.data.codes import tokenizer_identity
 from mllm.llm import IMAGE_TOKEN, LORA_TARGETS, load_llm
 from mllm.model import MLLM, VisualInput
 from viq.config import PRESETS as VIQ_PRESETS
@@ -34,7 +35,7 @@ PEFT_AVAILABLE = importlib.util.find_spec("peft") is not None
 # tokenizer's contrastive objective only. Left trainable they get no gradient, which DDP rejects.
 UNUSED_IN_MLLM = {"tower": ("attn_pool",)}
 PART_PREFIXES = {"tower": "visual.encoder.", "head": "visual.head.", "embedder": "visual.embedder.",
-                 "projector": "projector.", "llm": "llm."}
+                 "projector": "projector.", "llm": "llm.", "decoder": "decoder."}  # decoder: mllm.stages
 
 
 @dataclass
@@ -43,6 +44,8 @@ class BuiltModel:
     tokenizer: PreTrainedTokenizerBase  # the LLM's text tokenizer (with the <image> token)
     code_encoder: CodeEncoder | None  # discrete runs: pixels -> codes when the batch brings no codes
     compute_dtype: torch.dtype
+    # identity of the ViQ tokenizer as loaded (before any cast): checked against stored codes (data.codes)
+    viq_identity: dict | None = None
 
 
 class CodeEncoder(nn.Module):
@@ -183,6 +186,7 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     llm, text_tok = load_llm(cfg.model.llm, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
     llm.config.use_cache = False
     viq_tok = load_viq(cfg.model.tokenizer, seed=cfg.train.seed)
+    identity = tokenizer_identity(viq_tok) if cfg.data.codes else None
     visual, code_encoder = build_visual(cfg, viq_tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
@@ -200,7 +204,7 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info("built MLLM (llm=%s, visual=%s, attention=%s, dtype=%s): %.2fM of %.2fM parameters trainable",
              cfg.model.llm, cfg.model.visual, attn, dtype, n_train / 1e6, n_all / 1e6)
-    return BuiltModel(model, text_tok, code_encoder, dtype)
+    return BuiltModel(model, text_tok, code_encoder, dtype, identity)
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ and ignored (the rank comes from the environment the launcher sets up).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -22,18 +23,27 @@ TRAIN_HELP = """Train an MLLM from a recipe. Overrides are dotted key=value pair
   viq train recipes/debug/sft_lora.yaml train.max_steps=20 model.llm=/path/to/hf_model
 Stable keys: model.llm (preset name, local HF directory or hub id), train.output_dir, train.max_steps.
 Resume with train.resume=true (last checkpoint in train.output_dir) or
-train.resume_from_checkpoint=DIR."""
+train.resume_from_checkpoint=DIR.
+A recipe with a `stage` section trains the ViQ tokenizer instead (stage.kind: stage1, proximal, fsq,
+decoder; see recipes/tokenizer/); each stage writes train.output_dir/viq_tokenizer."""
 
 EXPORT_HELP = """Merge LoRA into the LLM and write a self-describing directory: llm/ (a plain Hugging Face
 model directory that loads with AutoModelForCausalLM), viq_tokenizer/, visual.safetensors (projector
 and visual weights) and mllm_config.yaml."""
 
-STUBS = {
-    "extract": "Extract ViQ codes offline from a data set (multi-rank, resumable, sharded).",
-    "bench": "Measure training throughput (packed vs padded, continuous vs discrete).",
-    "eval": "Generate answers and score accuracy; reconstruction metrics for the tokenizer.",
-    "demo": "Generate the bundled demo data set and run the end-to-end demo.",
-    "generate": "Generate text from an exported MLLM directory and images.",
+# subcommands that own their argument parsing: name -> (help, "module:function(argv) -> exit code")
+DELEGATED = {
+    "extract": ("Extract ViQ codes offline from a data set (multi-rank, resumable, sharded).",
+                "mllm.extract:main"),
+    "bench": ("Measure training step time: continuous tower vs ViQ codes vs text only, packed vs padded.",
+              "mllm.bench:main"),
+    "eval": ("Generate answers and score accuracy; reconstruction metrics for a tokenizer.",
+             "mllm.evaluate:eval_main"),
+    "generate": ("Answer a question about an image with a trained MLLM.", "mllm.inference:generate_main"),
+    "demo": ("Run the end-to-end demo on the bundled synthetic data set and write a report.",
+             "mllm.demo:main"),
+    "convert-reference": ("Convert the authors' released ViQ weights into a ViQ tokenizer directory.",
+                          "viq.convert.reference:convert_reference_main"),
 }
 
 
@@ -84,7 +94,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mllm.train import run_training
 
     cfg = load_recipe(args.recipe, args.overrides)
-    run_training(cfg)
+    if cfg.stage is not None:
+        from mllm.stages import run_stage
+
+        run_stage(cfg)
+    else:
+        run_training(cfg)
     return 0
 
 
@@ -96,9 +111,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stub(args: argparse.Namespace) -> int:
-    print(f"viq {args.command}: not built yet", file=sys.stderr)
-    return 2
+def cmd_delegated(args: argparse.Namespace) -> int:
+    module, func = DELEGATED[args.command][1].split(":")
+    return getattr(importlib.import_module(module), func)(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,17 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="weight dtype of the export (default: the recipe's; auto = fp32 on CPU)")
     export.set_defaults(func=cmd_export)
-    for name, text in STUBS.items():
-        stub = sub.add_parser(name, help=text, description=text)
-        stub.add_argument("args", nargs=argparse.REMAINDER, help="recipe and key=value overrides")
-        stub.set_defaults(func=cmd_stub)
+    for name, (text, _) in DELEGATED.items():
+        # add_help=False: `viq NAME --help` reaches the subcommand's own parser
+        cmd = sub.add_parser(name, help=text, description=text, add_help=False)
+        cmd.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the subcommand (see its --help)")
+        cmd.set_defaults(func=cmd_delegated)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in DELEGATED:
+        # argparse's REMAINDER does not take a leading option such as --help: hand the rest over as is
+        args = argparse.Namespace(command=argv[0], args=argv[1:], func=cmd_delegated)
+    else:
+        args = parser.parse_args(argv)
     setup_logging()
     try:
         return args.func(args)

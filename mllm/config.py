@@ -16,8 +16,9 @@ import torch
 
 from viq.configio import ConfigError, dump_yaml, load_config
 
-Part = Literal["tower", "head", "embedder", "projector", "llm"]
-PARTS: tuple[str, ...] = ("tower", "head", "embedder", "projector", "llm")
+Part = Literal["tower", "head", "embedder", "projector", "llm", "decoder"]
+# "decoder": the ViQ pixel decoder, trained by the tokenizer stages only (mllm.stages)
+PARTS: tuple[str, ...] = ("tower", "head", "embedder", "projector", "llm", "decoder")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class LrConfig:
     head: float | None = None
     embedder: float | None = None
     llm: float | None = None
+    decoder: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class DataConfig:
     min_area: int | None = None
     max_area: int | None = None
     strict: bool = False  # raise on a bad sample instead of skipping it (counted, logged)
+    codes: str | None = None  # a `viq extract` output directory: train from stored codes, no image decoding
     demo: bool = False  # generate the bundled demo data set into train's folder when train is missing
     demo_samples: int = 1000  # training samples of a generated demo set (val and test get a tenth)
 
@@ -133,6 +136,62 @@ class TrainConfig:
             raise ConfigError(f"train.dataloader_workers must be >= 0, got {self.dataloader_workers}")
 
 
+StageKind = Literal["stage1", "proximal", "fsq", "decoder"]
+MLLM_STAGES = ("stage1", "proximal", "fsq")  # stages trained through the LLM (the decoder stage is not)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A ViQ tokenizer training stage (mllm.stages); absent from ordinary MLLM recipes.
+
+    stage1: text-aligned pre-training of the encoder (LM + distillation); proximal (2-1): the head with
+    an L-inf (or l2/tanh/none) bottleneck; fsq (2-2): the FSQ head; decoder: the pixel decoder on the
+    frozen tokenizer. Each stage writes ``train.output_dir/viq_tokenizer``, which the next one's
+    ``init`` names (the output dir itself is accepted too).
+    """
+
+    kind: StageKind
+    init: str | None = None  # previous stage's output dir, a ViQ tokenizer dir or preset; null: model.tokenizer
+    teacher: str | None = None  # ViQ tokenizer/stage dir, ViQ preset or SigLIP2 HF dir; null: the initial encoder
+    teacher_resolution: int = 384  # the teacher sees every image bilinearly resized to this square
+    distill_weight: float = 10.0
+    recon_weight: float = 1.0  # proximal, fsq (the decoder stage always reconstructs)
+    feat_rec_weight: float = 0.0  # head features before the affine regressed onto its normalised input
+    quantizer: Literal["fsq", "linf", "l2", "tanh", "none"] | None = None  # null: linf (proximal), fsq (fsq)
+    levels: tuple[int, ...] | None = None  # fsq: FSQ levels; null: the init tokenizer's
+    bottleneck_dim: int | None = None  # proximal: bottleneck width; null: the init tokenizer's
+    area_range: tuple[int, int] | None = None  # sample each image's pixel area in [min, max] (log-uniform)
+    vae: str | None = None  # a VAE directory for a latent target (not implemented: pixel target only)
+    perceptual: str | None = None  # "file.py:name" or a TorchScript file: a frozen perceptual loss
+    perceptual_weight: float = 1.0
+    metrics_window: int = 50  # codebook usage and perplexity over the codes of the last K steps
+    stability_every: int = 10  # code stability under noise every N steps (0: never)
+    noise_sigma: float = 0.01  # in [-1, 1] pixel units
+
+    def __post_init__(self):
+        if self.teacher_resolution <= 0 or self.teacher_resolution % 16:
+            raise ConfigError(f"stage.teacher_resolution must be a positive multiple of 16, got "
+                              f"{self.teacher_resolution}")
+        for name in ("distill_weight", "recon_weight", "feat_rec_weight", "perceptual_weight", "noise_sigma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stage.{name} must be >= 0, got {getattr(self, name)}")
+        if self.metrics_window <= 0 or self.stability_every < 0:
+            raise ConfigError(f"stage.metrics_window must be > 0 and stage.stability_every >= 0, got "
+                              f"{self.metrics_window} and {self.stability_every}")
+        if self.area_range is not None and not 0 < self.area_range[0] <= self.area_range[1]:
+            raise ConfigError(f"stage.area_range must be [min, max] with 0 < min <= max, got {list(self.area_range)}")
+        if self.kind == "stage1" and (self.recon_weight or self.feat_rec_weight):
+            raise ConfigError("stage.kind=stage1 has no head, so no reconstruction: set stage.recon_weight=0 "
+                              f"and stage.feat_rec_weight=0 (got {self.recon_weight}, {self.feat_rec_weight})")
+        for name, kind in (("levels", "fsq"), ("bottleneck_dim", "proximal")):
+            if getattr(self, name) is not None and self.kind != kind:
+                raise ConfigError(f"stage.{name} applies to stage.kind={kind}, not {self.kind}")
+        wanted = {"proximal": ("linf", "l2", "tanh", "none"), "fsq": ("fsq",)}.get(self.kind)
+        if self.quantizer is not None and (wanted is None or self.quantizer not in wanted):
+            raise ConfigError(f"stage.quantizer={self.quantizer!r} does not fit stage.kind={self.kind!r} "
+                              f"(allowed: {list(wanted or ())})")
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
     model: ModelConfig
@@ -141,6 +200,7 @@ class RecipeConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     lr: LrConfig = field(default_factory=LrConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    stage: StageConfig | None = None  # null: ordinary MLLM training; set: a tokenizer stage (mllm.stages)
 
     def __post_init__(self):
         if self.model.visual == "discrete" and (self.trainable.tower or self.trainable.head):
@@ -150,8 +210,25 @@ class RecipeConfig:
                               "use_head trains the head's embedder as part of trainable.head)")
         if self.trainable.head and not self.model.use_head:
             raise ConfigError("trainable.head=true needs model.use_head=true")
+        if self.data.codes and self.model.visual != "discrete":
+            raise ConfigError(f"data.codes={self.data.codes!r} needs model.visual=discrete")
         if self.model.visual == "discrete" and self.model.siglip2:
             raise ConfigError(f"model.siglip2={self.model.siglip2!r} only applies to model.visual=continuous")
+        if self.stage is not None:
+            self._check_stage()
+
+    def _check_stage(self) -> None:
+        kind = self.stage.kind
+        if kind not in MLLM_STAGES:
+            return  # the decoder stage trains the pixel decoder alone; model.llm/visual are not used
+        if self.model.visual != "continuous":
+            raise ConfigError(f"stage.kind={kind} trains the tower on pixels: set model.visual=continuous")
+        if self.model.use_head != (kind != "stage1"):
+            raise ConfigError(f"stage.kind={kind} needs model.use_head={str(kind != 'stage1').lower()} "
+                              "(stage1 trains the encoder alone, later stages the head)")
+        if self.model.siglip2 and kind != "stage1":
+            raise ConfigError(f"model.siglip2={self.model.siglip2!r} applies to stage1; later stages start "
+                              "from stage.init")
 
     def part_lr(self, part: str) -> float:
         lr = getattr(self.lr, part)

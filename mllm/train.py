@@ -32,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from mllm.build import build_mllm, param_groups
 from mllm.checkpoint import load_checkpoint_weights, save_checkpoint
 from mllm.config import RecipeConfig, resolve_dtype, save_recipe
+from mllm.data.codes import CodeStore, codes_dataset
 from mllm.data.dataset import SupervisedDataset
 from mllm.data.demo import generate_demo
 from mllm.data.packing import PackedDataset, collate_packed, collate_padded
@@ -141,6 +142,10 @@ class MLLMTrainer(Trainer):
             logs["samples_per_s"] = float(counts[1]) / elapsed
             logs["peak_mem_gib"] = peak_memory_gib(self.args.device)
             logs.update(self._group_lrs)
+            # tokenizer stages (mllm.stages.TokenizerStageModel) add their loss terms and code metrics
+            stage_metrics = getattr(self.accelerator.unwrap_model(self.model), "pop_metrics", None)
+            if stage_metrics is not None:
+                logs.update(stage_metrics())
             self._tokens = self._samples = 0
             self._t_last = now
         super().log(logs, start_time)
@@ -201,17 +206,24 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
     )
 
 
-def _dataset(cfg: RecipeConfig, path: str, tokenizer):
+def _dataset(cfg: RecipeConfig, path: str, tokenizer, sample_transform=None, store: CodeStore | None = None):
     d = cfg.data
+    if store is not None:  # codes extracted offline: the step decodes no image and runs no encoder
+        ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len,
+                           strict=d.strict)
+        return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
     samples = read_samples(path, d.image_root)
+    if sample_transform is not None:  # e.g. the tokenizer stages' per-image area sampling
+        samples = sample_transform(samples)
     ds = SupervisedDataset(samples, tokenizer, image_mode=d.image_mode, image_area=d.image_area,
                            image_multiple=d.image_multiple, min_area=d.min_area, max_area=d.max_area,
                            max_seq_len=d.max_seq_len, strict=d.strict)
     return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
 
 
-def build_datasets(cfg: RecipeConfig, tokenizer):
-    """(train, eval or None, collator). With data.demo, the demo set is generated into train's folder."""
+def build_datasets(cfg: RecipeConfig, tokenizer, sample_transform=None, viq_identity: dict | None = None):
+    """(train, eval or None, collator). With data.demo, the demo set is generated into train's folder.
+    ``sample_transform``: an optional map over the training samples (Iterable[Sample] -> Iterable[Sample])."""
     d = cfg.data
     if d.demo:
         n = d.demo_samples
@@ -219,8 +231,9 @@ def build_datasets(cfg: RecipeConfig, tokenizer):
     if not Path(d.train).exists():
         raise ValueError(f"data.train {d.train!r} does not exist (data.demo=true generates the demo set "
                          "as <folder>/train.json)")
-    train = _dataset(cfg, d.train, tokenizer)
-    evaluation = _dataset(cfg, d.eval, tokenizer) if d.eval else None
+    store = CodeStore(d.codes, expected_tokenizer=viq_identity) if d.codes else None
+    train = _dataset(cfg, d.train, tokenizer, sample_transform, store)
+    evaluation = _dataset(cfg, d.eval, tokenizer, store=store) if d.eval else None
     collator = collate_packed if d.packing else functools.partial(collate_padded,
                                                                   pad_token_id=tokenizer.pad_token_id)
     return train, evaluation, collator
@@ -261,15 +274,17 @@ def _init_wandb(cfg: RecipeConfig, args: TrainingArguments) -> None:
                config=to_dict(cfg))
 
 
-def prepare_trainer(cfg: RecipeConfig) -> MLLMTrainer:
-    """Data, model and Trainer of a recipe, ready for ``train()``."""
+def prepare_trainer(cfg: RecipeConfig, *, build=build_mllm, sample_transform=None) -> MLLMTrainer:
+    """Data, model and Trainer of a recipe, ready for ``train()``. ``build`` (recipe -> BuiltModel) and
+    ``sample_transform`` let the tokenizer stages (mllm.stages) reuse this wiring."""
     # TrainingArguments come first: they start the process group (data is prepared on the first local
     # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
     args = training_arguments(cfg, resolve_dtype(cfg.model.dtype), has_eval=cfg.data.eval is not None)
     _init_deepspeed_comm(args)
-    built = build_mllm(cfg)
+    built = build(cfg)
     with args.main_process_first(local=True, desc="data preparation"):
-        train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer)
+        train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, sample_transform,
+                                                     getattr(built, "viq_identity", None))
     if args.should_save:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")
