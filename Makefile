@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[train,dev]"
+	$(VENV)/bin/pip install -q -e ".[train,dev,reference]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,12 +3,15 @@
 Ground truth: shared/fixtures/reference-16k-d2-seed0.npz (see its README): their `forward_indices`,
 `IndexEmbeder` and `IndexDrawer` run on weights that shared/tools/reference_weights.py regenerates
 (size 16k, trunk depth 2, seed 0). The weights are rebuilt in memory, saved in their file format to a
-temporary directory (3 GiB) and loaded from there (memory-mapped). About 4 GB of RAM and 2 minutes
-on two CPU cores.
+temporary directory (3 GiB) and loaded from there (memory-mapped), once for the whole module. About
+4 GB of RAM and 2 minutes on two CPU cores, plus about 20 s for one picture through the Qwen-Image VAE
+(with diffusers installed) and 30 s for the convert-then-reload round trip.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 import json
 import re
@@ -21,16 +24,25 @@ import pytest
 import torch
 from torch import nn
 
-from viq.convert import load_reference
-from viq.convert.reference import EXTERNAL, file_names, reference_config, reference_rules, reference_tokenizer
+from viq.convert import load_reference, reference
+from viq.convert.reference import (
+    EXTERNAL,
+    convert_reference_main,
+    file_names,
+    reference_config,
+    reference_rules,
+    reference_tokenizer,
+)
+from viq.convert.vae import vae_available
 from viq.encoder import cu_from_grids
 from viq.image import preprocess
 from viq.quantize import FSQ_PRESETS
-from viq.tokenizer import Codes
+from viq.tokenizer import Codes, ViQTokenizer
 
 FIXTURE = "reference-16k-d2-seed0.npz"
 TOOL = "tools/reference_weights.py"
 N_IMAGES = 4
+VAE_IMAGE = 3  # the smallest picture, zero-padded: the VAE takes about 15 s per picture on two CPU cores
 TOL = 1e-4
 MARGIN = 1e-4
 
@@ -68,6 +80,7 @@ def weights_dir():
     for part, name in file_names("16k").items():
         torch.save(sds.pop(part), out / name)
     del sds
+    _give_back_memory()
     yield out
     shutil.rmtree(root, ignore_errors=True)
 
@@ -103,13 +116,15 @@ def _grid(ref, i) -> tuple[int, int]:
     return tuple(int(v) for v in ref["grid_hw"][i])
 
 
+def _fixture_codes(ref, i) -> Codes:
+    return Codes(torch.from_numpy(ref[f"indices_{i}"]).reshape(-1).long(), _grid(ref, i))
+
+
 @pytest.fixture(scope="module")
 def embedded(tok, ref):
     """The embedder's features of the fixture's own indices (not ours)."""
-    codes = [Codes(torch.from_numpy(ref[f"indices_{i}"]).reshape(-1).long(), _grid(ref, i))
-             for i in range(N_IMAGES)]
     with torch.no_grad():
-        return tok.embed(codes)
+        return tok.embed([_fixture_codes(ref, i) for i in range(N_IMAGES)])
 
 
 def _max_diff(a: torch.Tensor, b: np.ndarray) -> float:
@@ -157,6 +172,68 @@ def test_drawer_latents(tok, embedded, ref):
     assert [tuple(x.shape) for x in latents] == [ref[f"vae_latent_{i}"].shape[1:] for i in range(N_IMAGES)]
     diffs = [_max_diff(x, ref[f"vae_latent_{i}"]) for i, x in enumerate(latents)]
     assert max(diffs) < TOL, f"latent max abs diff per image: {diffs}"
+
+
+@pytest.mark.skipif(not vae_available(), reason='the Qwen-Image VAE needs diffusers: pip install "viq[reference]"')
+def test_vae_decode_reproduces_their_picture(tok, ref):
+    """Their drawer's picture from their indices: embedder, drawer, latent rounded to bf16, Qwen-Image VAE,
+    truncation to uint8. Float noise moves a few values by 1 (the fixture README allows it)."""
+    assert tok.vae is not None  # load_reference loads it by default when diffusers is installed
+    (image,) = tok.decode(_fixture_codes(ref, VAE_IMAGE))
+    ours, theirs = np.asarray(image).astype(int), ref[f"recon_{VAE_IMAGE}"].astype(int)
+    assert ours.shape == theirs.shape == (16 * 11, 16 * 16, 3)  # the padded area included
+    diff = np.abs(ours - theirs)
+    msg = f"{int((diff > 1).sum())} values off by more than 1, {int((diff == 1).sum())} by 1, of {diff.size}"
+    assert (diff > 1).mean() <= 1e-4 and (diff > 0).mean() <= 1e-2, msg
+
+
+def test_convert_then_reload_encodes_identically(tok, ref, encoded, embedded, weights_dir, tmp_path,
+                                                 monkeypatch):
+    """`viq convert-reference IN OUT`, then from_pretrained(OUT): same config, tensors, codes and features.
+    The conversion gets the module's loaded tokenizer (load_reference is tested above; 3 GB twice is not)."""
+    calls = []
+
+    def loaded(path, size=None, *, dtype, vae):
+        calls.append((path, size, dtype, vae))
+        return tok
+
+    monkeypatch.setattr(reference, "load_reference", loaded)
+    out = tmp_path / "viq-16k"
+    assert convert_reference_main([str(weights_dir), str(out), "--dtype", "float32"]) == 0
+    assert calls == [(str(weights_dir), None, torch.float32, None)]
+    again = ViQTokenizer.from_pretrained(out)
+    try:
+        _check_round_trip(again, tok, ref, encoded, embedded)
+    finally:
+        del again
+        _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """Hand freed memory back to the OS: glibc keeps freed blocks under 32 MB (most of a 2 GB tokenizer),
+    and the next test loading the weights would stack on them (the module must stay under 8 GB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _check_round_trip(again, tok, ref, encoded, embedded) -> None:
+    assert again.cfg == tok.cfg and again.cfg.preprocess.mode == "none"
+    assert again.cfg.head.rope_angles == tok.cfg.head.rope_angles == "activation"
+    state = again.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tok.state_dict().items())
+    assert (again.vae is None) == (tok.vae is None)
+    if tok.vae is not None:  # OUT/vae/, in diffusers' format
+        vae_state = again.vae.state_dict()
+        assert all(torch.equal(vae_state[k], v) for k, v in tok.vae.state_dict().items())
+    codes = again.encode([torch.from_numpy(ref[f"pixels_{i}"])[0] for i in range(N_IMAGES)])
+    for i, (c, expected) in enumerate(zip(codes, encoded["codes"], strict=True)):
+        assert c.grid == expected.grid and torch.equal(c.indices, expected.indices), f"image {i}"
+    with torch.no_grad():
+        feats = again.embed([_fixture_codes(ref, i) for i in range(N_IMAGES)])
+    assert all(torch.equal(a, b) for a, b in zip(feats, embedded, strict=True))
 
 
 def test_preprocessing_reproduces_their_pixels(tok, ref):

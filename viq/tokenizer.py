@@ -2,7 +2,8 @@
 
 Shape legend: ``N`` packed patches of a batch, ``E`` codes per patch, ``C`` width, ``cu`` int32 patch
 offsets ``[B+1]``. ``Codes.indices`` is flat ``[h*w*E]`` in patch raster order, sub-code minor.
-A tokenizer directory holds ``config.json`` (the full config tree) and ``model.safetensors``.
+A tokenizer directory holds ``config.json`` (the full config tree) and ``model.safetensors``, and
+``vae/`` (diffusers' format) when its decoder predicts latents of the Qwen-Image VAE (viq.convert.vae).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ class ViQTokenizer(nn.Module):
         self.encoder = Encoder(cfg.encoder)
         self.head = QuantizationHead(cfg.head)
         self.decoder = PixelDecoder(cfg.decoder) if cfg.decoder is not None else None
+        self.vae = None  # the external, frozen VAE decoder of latent-predicting decoders (viq.convert.vae)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``vae`` stays out of the registered modules: not in state_dict (it is saved apart, in diffusers'
+        # format), not in parameters() (never trained), and it keeps its own dtype under .to(dtype)
+        if name == "vae":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # construction and persistence
     @classmethod
@@ -84,6 +94,10 @@ class ViQTokenizer(nn.Module):
         (path / "config.json").write_text(json.dumps(meta, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT})
+        if self.vae is not None:
+            from viq.convert.vae import save_vae
+
+            save_vae(self.vae, path / "vae")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
@@ -91,6 +105,11 @@ class ViQTokenizer(nn.Module):
         model = cls(read_config(path))
         state = load_file(str(Path(path) / "model.safetensors"))
         load_strict(model, state, what=str(path))
+        if (Path(path) / "vae").is_dir():
+            from viq.convert.vae import load_vae, vae_available
+
+            if vae_available():  # without diffusers everything but pixel decoding still works
+                model.vae = load_vae(Path(path) / "vae", dtype or torch.float32).to(device)  # as the model
         return model.to(device=device, dtype=dtype) if (dtype or device) else model
 
     # forward passes
@@ -160,14 +179,26 @@ class ViQTokenizer(nn.Module):
 
     @torch.inference_mode()
     def decode(self, codes: Codes | list[Codes]) -> list[Image.Image]:
-        """Codes -> RGB images of 16h x 16w pixels."""
-        if self.decoder is None or self.cfg.decoder.out_channels != 3:
-            raise ValueError("this tokenizer has no pixel decoder (it needs one with out_channels=3)")
+        """Codes -> RGB images of 16h x 16w pixels (through the VAE when the decoder predicts latents)."""
+        if self.decoder is None:
+            raise ValueError("this tokenizer has no pixel decoder (its config has decoder: null)")
+        latent = self.cfg.decoder.out_channels != 3
+        if latent and self.vae is None:
+            raise ValueError(f"this tokenizer's decoder predicts {self.cfg.decoder.out_channels}-channel latents "
+                             "of the Qwen-Image VAE, and pixels need that VAE's decoder: pip install "
+                             '"viq[reference]" (diffusers), then load the weights with it: '
+                             "viq.convert.load_reference(..., vae=True), or from_pretrained of a directory "
+                             "that has vae/ (viq convert-reference writes it)")
         codes = [codes] if isinstance(codes, Codes) else list(codes)
         feats = self.embed(codes)
         grids = [c.grid for c in codes]
         cu, max_len = cu_from_grids(grids, self.device)
         outs = self.decoder(torch.cat(feats), grids, cu, max_len)
+        if latent:
+            from viq.convert.vae import decode_latents
+
+            vae = self.vae.to(self.device)
+            return [Image.fromarray(decode_latents(vae, o)) for o in outs]
         return [to_pil(o) for o in outs]
 
 

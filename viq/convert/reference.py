@@ -3,19 +3,23 @@
 ``converted_<size>/`` holds ``model_viq_fsq_<size>.pth`` (fp32: trunk, head, copies of the decode path),
 ``embedder.pth`` and ``index_drawer.pth`` (bf16: their IndexEmbeder, and it again plus the latent head).
 Every tensor has one explicit rule: loaded, or (a copy) checked equal after bf16 rounding to the tensor
-loaded, or ignored as external (``vae_head.vae.*``, the Qwen-Image VAE). Anything missing, unexpected,
-mis-shaped or inconsistent is a ValueError naming file and tensor. The configuration reproduces their
-numerics: exact GELU, LayerNorm eps 1e-6 (1e-5 for the affine-free pre-norm and the residual MLPs), the
-position table resized bilinearly without antialias, RoPE angles rounded to the activation dtype, the
-bf16 codebook from the file, and preprocessing "none" (normalise, zero-pad to 16 pixels).
+loaded, or external: the Qwen-Image VAE (``vae_head.vae.*``), whose decoder half is loaded from the drawer
+file into ``ViQTokenizer.vae`` when diffusers is installed (viq.convert.vae; its encoder half is unused).
+Anything missing, unexpected, mis-shaped or inconsistent is a ValueError naming file and tensor.
+The configuration reproduces their numerics: exact GELU, LayerNorm eps 1e-6 (1e-5 for the affine-free
+pre-norm and the residual MLPs), the position table resized bilinearly without antialias, RoPE angles
+rounded to the activation dtype, the bf16 codebook from the file, and preprocessing "none" (normalise,
+zero-pad to 16 pixels).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from viq.config import DecoderConfig, EncoderConfig, PreprocessConfig, TokenizerConfig, preset
+from viq.convert.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
 from viq.quantize import FSQ, FSQ_PRESETS
 from viq.tokenizer import ViQTokenizer, load_strict
 
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 WIDTH = 1536
 FILES = ("model_viq_fsq", "embedder", "index_drawer")
+VAE_PREFIX = "vae_head.vae."
 EXTERNAL = re.compile(r"vae_head\.vae\..+")  # the Qwen-Image VAE (model_viq_fsq and index_drawer)
 _PRIMARY = (("head.embedder.", "embedder"), ("decoder.", "index_drawer"))
 _FIELDS = {
@@ -197,7 +203,8 @@ def _route(files, rules, names) -> dict[str, dict[str, tuple[str, torch.Tensor]]
     if unexpected:
         raise ValueError(f"ViQ reference weights: {len(unexpected)} unexpected tensors: {unexpected[:20]}")
     for f, n in ignored.items():
-        log.info("%s: ignored %d tensors of the external Qwen-Image VAE (vae_head.vae.*)", names[f], n)
+        log.info("%s: %d tensors of the external Qwen-Image VAE (vae_head.vae.*), not part of the tokenizer "
+                 "(the drawer's decoder half becomes ViQTokenizer.vae when vae=True)", names[f], n)
     return routed
 
 
@@ -259,9 +266,31 @@ def _check_codebook(model: ViQTokenizer, name: str) -> None:
                          f"{model.cfg.head.levels} (a file of another model?)")
 
 
+def _external(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(VAE_PREFIX):]: v for k, v in state.items() if EXTERNAL.fullmatch(k)}
+
+
+def _load_vae(files, names, dtype: torch.dtype) -> torch.nn.Module:
+    """The drawer file's Qwen-Image VAE decoder (the copy their IndexDrawer decodes with). The encoder
+    file's copy of it must be equal after bf16 rounding, like every other copy."""
+    drawer, copy = _external(files["index_drawer"]), _external(files["model_viq_fsq"])
+    differ = [f"{names['model_viq_fsq']}: {VAE_PREFIX}{k}" for k, t in drawer.items()
+              if k.startswith(DECODER_PREFIXES) and (k not in copy or copy[k].shape != t.shape
+                                                     or not torch.equal(copy[k].to(torch.bfloat16),
+                                                                        t.to(torch.bfloat16)))]
+    if differ:
+        raise ValueError(f"ViQ reference weights: {len(differ)} tensors of the Qwen-Image VAE decoder are "
+                         f"missing or differ from {names['index_drawer']}'s: {differ[:20]}")
+    return load_qwen_image_vae_decoder(drawer, dtype=dtype, what=f"{names['index_drawer']}: {VAE_PREFIX}")
+
+
 def reference_tokenizer(files: Mapping[str, Mapping[str, torch.Tensor]], size: str, *,
-                        dtype: torch.dtype = torch.float32, rope_angles: str = "activation") -> ViQTokenizer:
-    """The three files' state dicts (keys ``FILES``) -> a ViQTokenizer in eval mode, strictly."""
+                        dtype: torch.dtype = torch.float32, rope_angles: str = "activation",
+                        vae: bool | None = None) -> ViQTokenizer:
+    """The three files' state dicts (keys ``FILES``) -> a ViQTokenizer in eval mode, strictly.
+
+    ``vae`` (default: whether diffusers is installed) also loads the Qwen-Image VAE decoder that turns the
+    drawer's latents into pixels (``ViQTokenizer.vae``, in ``dtype``)."""
     names = file_names(size)
     if set(files) != set(FILES):
         raise ValueError(f"expected the state dicts of {list(FILES)}, got {sorted(files)}")
@@ -276,16 +305,19 @@ def reference_tokenizer(files: Mapping[str, Mapping[str, torch.Tensor]], size: s
     state = _collect(routed, rules, names, model.state_dict())
     load_strict(model, state, what=f"ViQ reference weights ({size})")
     _check_codebook(model, names["embedder"])
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if vae_available() if vae is None else vae:
+        model.vae = _load_vae(files, names, dtype)
+    return model
 
 
 def load_reference(path: str | Path, size: str | None = None, *, dtype: torch.dtype = torch.float32,
-                   rope_angles: str = "activation") -> ViQTokenizer:
+                   rope_angles: str = "activation", vae: bool | None = None) -> ViQTokenizer:
     """The authors' converted weights -> ViQTokenizer.
 
     ``path`` is a ``converted_<size>`` directory (the size is read from its name unless given), or the
     weights root that holds it when ``size`` is given. Files saved on CUDA or in bf16 load on the CPU;
-    ``dtype`` is the dtype of the returned model.
+    ``dtype`` is the dtype of the returned model. ``vae``: see ``reference_tokenizer``.
     """
     path = Path(path)
     if size is None:
@@ -296,4 +328,32 @@ def load_reference(path: str | Path, size: str | None = None, *, dtype: torch.dt
     elif path.name != f"converted_{size}" and (path / f"converted_{size}").is_dir():
         path = path / f"converted_{size}"
     files = {f: _read(path / n) for f, n in file_names(size).items()}
-    return reference_tokenizer(files, size, dtype=dtype, rope_angles=rope_angles)
+    return reference_tokenizer(files, size, dtype=dtype, rope_angles=rope_angles, vae=vae)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert_reference_main(argv: list[str] | None = None) -> int:
+    """``viq convert-reference IN OUT [--size 16k] [--dtype float32] [--no-vae]``: the authors' converted
+    weights -> our ``save_pretrained`` directory (``ViQTokenizer.from_pretrained(OUT)`` then encodes
+    identically; ``OUT/vae/`` holds the Qwen-Image VAE decoder, in diffusers' format)."""
+    p = argparse.ArgumentParser(prog="viq convert-reference", description="Convert the ViQ authors' released "
+                                "weights (a converted_<size> directory) into a ViQTokenizer directory.")
+    p.add_argument("src", metavar="IN", help="a converted_<size> directory, or the weights root with --size")
+    p.add_argument("out", metavar="OUT", help="output directory (our save_pretrained format)")
+    p.add_argument("--size", default=None, help="2k, 4k, 8k, 16k or 64k (default: from IN's name)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--no-vae", action="store_true", help="leave out the VAE decoder (no pixels from decode)")
+    args = p.parse_args(argv)
+    vae = False if args.no_vae else None
+    if not args.no_vae and not vae_available():
+        print('warning: diffusers is not installed, so OUT gets no VAE decoder and decode() cannot make '
+              'pixels; pip install "viq[reference]" and convert again to include it', file=sys.stderr)
+    try:
+        model = load_reference(args.src, args.size, dtype=DTYPES[args.dtype], vae=vae)
+    except ValueError as err:  # a user error (missing file, wrong size, foreign tensor): no traceback
+        p.exit(2, f"viq convert-reference: error: {err}\n")
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} ({model.cfg.name}, {args.dtype}, VAE decoder: {model.vae is not None})")
+    return 0
