@@ -9,6 +9,7 @@ each ``<image>`` into that many placeholders, so lengths are known before packin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,9 +18,24 @@ from transformers import PreTrainedModel
 
 from mllm.projector import Projector, num_image_tokens
 from viq.encoder import cu_from_grids, patchify
+from viq.head import HeadOutput
 from viq.tokenizer import ViQTokenizer
 
 VisualMode = Literal["continuous", "discrete"]
+
+
+@dataclass
+class VisualTrace:
+    """The intermediates of the last continuous forward, kept when ``VisualInput.keep_trace`` is set:
+    the tokenizer stages (mllm.stages) reuse them for distillation and reconstruction instead of
+    running the tower a second time."""
+
+    features: torch.Tensor  # [N, C] what the projector saw
+    trunk: torch.Tensor  # [N, C] encoder output before its final norm
+    head: HeadOutput | None  # with use_head
+    grids: list[tuple[int, int]]
+    cu: torch.Tensor
+    max_len: int
 
 
 class VisualInput(nn.Module):
@@ -40,6 +56,8 @@ class VisualInput(nn.Module):
         self.width = tokenizer.cfg.encoder.width
         self.patch_size = tokenizer.cfg.encoder.patch_size
         self.codes_per_patch = tokenizer.cfg.head.expand
+        self.keep_trace = False
+        self.trace: VisualTrace | None = None
         if mode == "continuous":
             self.encoder = tokenizer.encoder
             self.head = tokenizer.head if use_head else None
@@ -55,7 +73,10 @@ class VisualInput(nn.Module):
         dev = self.encoder.pos_embed.device
         cu, max_len = cu_from_grids(grids, dev)
         trunk = self.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
-        feats = self.head(trunk, grids, cu, max_len).features if self.use_head else self.encoder.norm(trunk)
+        head = self.head(trunk, grids, cu, max_len) if self.use_head else None
+        feats = head.features if head is not None else self.encoder.norm(trunk)
+        if self.keep_trace:
+            self.trace = VisualTrace(feats, trunk, head, grids, cu, max_len)
         return list(feats.split([h * w for h, w in grids]))
 
     def _from_codes(self, codes, image_grids) -> list[torch.Tensor]:

@@ -141,7 +141,7 @@ class FSQ(nn.Module):
         """Flat indices [N] -> integer levels [N, d], each in [0, L_j - 1]."""
         if indices_N.is_floating_point() or indices_N.is_complex() or indices_N.dtype == torch.bool:
             raise ValueError(f"indices must be an integer tensor, got dtype {indices_N.dtype}")
-        if indices_N.numel() > 0:
+        if indices_N.numel() > 0 and not indices_N.is_meta:  # meta tensors (shape-only builds) hold no values
             lo, hi = int(indices_N.min()), int(indices_N.max())
             if lo < 0 or hi >= self.codebook_size:
                 raise ValueError(

@@ -15,7 +15,7 @@ from mllm.llm import LLM_PRESETS, LORA_TARGETS, preset_config
 from viq.configio import ConfigError
 
 # recipes/bench/ holds `viq bench` configs, a different schema that mllm.bench's tests load
-OTHER_SCHEMAS = ("bench",)
+OTHER_SCHEMAS = ("bench", "demo")  # parsed by their own tests (test_bench, test_demo)
 YAMLS = sorted(p for p in RECIPES.rglob("*.yaml") if p.relative_to(RECIPES).parts[0] not in OTHER_SCHEMAS)
 FAMILIES = ("qwen2.5", "qwen3", "llama3", "smollm2")
 STAGES = ("pretrain_projector", "sft_full", "sft_lora")
@@ -27,10 +27,11 @@ def test_recipes_exist():
         for stage in STAGES:
             assert (RECIPES / family / f"{stage}.yaml").is_file(), f"missing recipes/{family}/{stage}.yaml"
     assert (RECIPES / "qwen2.5" / "sft_lora_continuous.yaml").is_file()
-    # every non-debug recipe has a debug twin of the same stage name
+    # every non-debug recipe has a debug twin of the same stage name (recipes/tokenizer/<size>/ has its
+    # own recipes/tokenizer/debug/)
     for path in YAMLS:
         if path.parent.name != "debug":
-            assert (RECIPES / "debug" / path.name).is_file(), f"{path.name} has no debug twin"
+            assert (path.parent.parent / "debug" / path.name).is_file(), f"{path} has no debug twin"
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(RECIPES)) for p in YAMLS])

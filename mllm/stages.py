@@ -1,0 +1,339 @@
+"""Training the ViQ tokenizer in stages (viq-paper.md §1.1-1.5), each run by ``viq train RECIPE`` with a
+``stage`` section in the recipe (mllm.config.StageConfig):
+
+- ``stage1``: the encoder at native resolution + projector + LLM (LoRA): LM loss + self-distillation;
+- ``proximal`` (2-1): the head with an L-inf bottleneck: LM + distillation + reconstruction;
+- ``fsq`` (2-2): the FSQ head, initialised from 2-1 through an explicit key map (mllm.stage_init);
+- ``decoder``: the pixel decoder on the frozen tokenizer (mllm.stage_decoder), no LLM.
+
+The LLM stages run the ordinary MLLM Trainer on a model wrapper, ``TokenizerStageModel`` (an MLLM, so
+checkpointing, LoRA and the optimizer groups work unchanged), whose forward adds to the LM loss
+    distill_weight * mean_i (1 - cos(MAP(student_i), MAP_teacher(image_i resized to R x R)))
+    + recon_weight * (MSE(decoder(head features), pixels) [+ perceptual_weight * perceptual])
+    + feat_rec_weight * MSE(head features before the affine, normalised trunk features)
+where the student's features are the ones the LLM sees (stage1: the trunk; later: the head's output),
+taken from the same forward (mllm.model.VisualTrace): the tower runs once per step. Every stage writes
+``train.output_dir/viq_tokenizer`` (ViQTokenizer.save_pretrained) and ``stage_report.json``.
+
+Shape legend: ``N`` packed patches, ``C`` width, ``B`` images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from transformers.utils import ModelOutput
+
+from mllm.build import BuiltModel, add_lora, apply_trainable, enable_gradient_checkpointing, part_of
+from mllm.checkpoint import VIQ_DIR
+from mllm.config import RecipeConfig, StageConfig, load_recipe, resolve_attention, resolve_dtype
+from mllm.data.readers import Sample
+from mllm.llm import IMAGE_TOKEN, load_llm
+from mllm.model import MLLM, VisualInput, VisualTrace
+from mllm.stage_init import build_teacher, dry_run_tokenizer, load_perceptual, load_stage_tokenizer, perceptual_term
+from mllm.stage_metrics import StageMetrics, code_stability
+from mllm.train import prepare_trainer, resume_target
+from viq.convert.keymap import KeyMapReport
+from viq.decoder import reconstruction_loss
+from viq.image import pad_to_multiple
+from viq.tokenizer import ViQTokenizer
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "stage_report.json"
+
+
+@dataclasses.dataclass
+class StageOutput(ModelOutput):
+    """``loss`` = lm_loss + the weighted terms; the terms are unweighted and detached (for logging)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    distill_loss: torch.Tensor | None = None
+    recon_loss: torch.Tensor | None = None
+    perceptual_loss: torch.Tensor | None = None
+    feat_rec_loss: torch.Tensor | None = None
+
+
+class TokenizerStageModel(MLLM):
+    """The MLLM of a tokenizer stage (continuous visual input) plus the stage's auxiliary losses.
+
+    Registered on top of the MLLM's parts: ``teacher`` (frozen), ``decoder`` (the tokenizer's pixel
+    decoder, when reconstruction is on) and ``perceptual`` (frozen, when it is a module). ``tokenizer``
+    is held unregistered: its modules are the ones registered here, it only saves them together.
+    """
+
+    def __init__(self, llm, visual: VisualInput, image_token_id: int, tokenizer: ViQTokenizer,
+                 stage: StageConfig, teacher=None, perceptual=None):
+        super().__init__(llm, visual, image_token_id)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        self.stage = stage
+        self.teacher = teacher if stage.distill_weight > 0 else None
+        recon = visual.use_head and stage.recon_weight > 0
+        if recon and tokenizer.decoder is None:
+            raise ValueError(f"stage.recon_weight={stage.recon_weight} but the tokenizer has no pixel decoder "
+                             "(decoder: null in its config)")
+        self.decoder = tokenizer.decoder if recon else None
+        self.perceptual = perceptual if recon else None
+        visual.keep_trace = True
+        self.aux_scale = 1.0  # set by run_stage: 1 / (grad_accum * world size), see forward
+        fsq = visual.use_head and tokenizer.head.fsq is not None
+        self.metrics = StageMetrics(stage.metrics_window, tokenizer.codebook_size if fsq else None)
+        self.stage_report: dict = {}
+        self._forwards = 0
+
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
+                codes=None, image_grids=None, **kwargs):
+        out = super().forward(input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask,
+                              pixel_values=pixel_values, codes=codes, image_grids=image_grids, **kwargs)
+        trace, self.visual.trace = self.visual.trace, None  # drop the reference: it holds the graph
+        terms = self.aux_terms(trace, pixel_values)
+        st = self.stage
+        weights = {"distill_loss": st.distill_weight, "recon_loss": st.recon_weight,
+                   "perceptual_loss": st.recon_weight * st.perceptual_weight, "feat_rec_loss": st.feat_rec_weight}
+        aux = sum(weights[k] * v for k, v in terms.items()) if terms else self._zero_aux()
+        # In training the Trainer passes num_items_in_batch and treats the loss as already normalised over
+        # the accumulated, all-rank batch (the LM loss is), then multiplies it by the world size; the
+        # per-micro-batch means here are scaled so that their gradients average the same way.
+        scale = self.aux_scale if kwargs.get("num_items_in_batch") is not None else 1.0
+        lm = out.loss if out.loss is not None else torch.zeros((), device=aux.device)
+        if self.training:
+            self._record(lm.detach() / scale, terms, trace, pixel_values)
+        return StageOutput(loss=lm + scale * aux, logits=out.logits, lm_loss=lm.detach(),
+                           **{k: v.detach() for k, v in terms.items()})
+
+    def aux_terms(self, trace: VisualTrace | None, pixel_values) -> dict[str, torch.Tensor]:
+        """The unweighted auxiliary losses of one forward; none for a batch without images."""
+        if trace is None:
+            return {}
+        terms = {}
+        if self.teacher is not None:
+            student_ND = trace.head.features if trace.head is not None else trace.trunk
+            student_BC = self.visual.encoder.pool(student_ND, trace.cu)
+            target_BC = self.teacher(list(pixel_values))
+            terms["distill_loss"] = (1 - F.cosine_similarity(student_BC.float(), target_BC.float(), dim=-1)).mean()
+        if self.decoder is not None:
+            preds = self.decoder(trace.head.features, trace.grids, trace.cu, trace.max_len)
+            patch = self.visual.patch_size
+            targets = [pad_to_multiple(x.to(p.device), patch) for x, p in zip(pixel_values, preds, strict=True)]
+            terms["recon_loss"] = reconstruction_loss(preds, targets)
+            if self.perceptual is not None:
+                terms["perceptual_loss"] = perceptual_term(self.perceptual, preds, targets)
+        if self.stage.feat_rec_weight > 0 and trace.head is not None:
+            emb = self.visual.head.embedder
+            # undoing the affine is exact in value and gradient: d/dw and d/db of (x*w + b - b)/w vanish
+            pre_affine_NC = (trace.head.features - emb.affine_bias) / emb.affine_weight
+            terms["feat_rec_loss"] = F.mse_loss(pre_affine_NC.float(), trace.head.pre_quant.detach().float())
+        return terms
+
+    def _zero_aux(self) -> torch.Tensor:
+        """0 * (trainable decoder weights): a text-only batch still gives them a (zero) gradient, so every
+        rank uses the same parameters (the MLLM does the same for the visual parts)."""
+        params = [p for p in self.decoder.parameters() if p.requires_grad] if self.decoder is not None else []
+        if not params:
+            return torch.zeros((), device=self.llm.device)
+        return sum(p.sum() for p in params) * 0.0
+
+    def _record(self, lm: torch.Tensor, terms: dict, trace: VisualTrace | None, pixel_values) -> None:
+        self._forwards += 1
+        values = {"lm_loss": lm, **terms}
+        if "distill_loss" in terms:
+            values["distill_cos"] = 1 - terms["distill_loss"]
+        indices = trace.head.indices if trace is not None and trace.head is not None else None
+        if indices is not None:
+            self.metrics.add_codes(indices)
+            every = self.stage.stability_every
+            if every and self._forwards % every == 0:
+                values["code_stability"] = code_stability(self.visual.encoder, self.visual.head, list(pixel_values),
+                                                          indices, self.stage.noise_sigma, seed=self._forwards)
+        self.metrics.add(**values)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Means since the last call (MLLMTrainer.log adds them to every training log)."""
+        return self.metrics.pop()
+
+
+# ----------------------------------------------------------------------------------------- building
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per part (trainable ones under ``trainable/``), the frozen teacher apart."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions: the full size
+        part = name.split(".")[0] if name.startswith(("teacher.", "perceptual.")) else part_of(name)
+        counts[part] = counts.get(part, 0) + n
+        if p.requires_grad:
+            counts[f"trainable/{part}"] = counts.get(f"trainable/{part}", 0) + n
+    counts["total"] = sum(v for k, v in counts.items() if "/" not in k)
+    counts["trainable"] = sum(v for k, v in counts.items() if k.startswith("trainable/"))
+    return counts
+
+
+def _set_trainable(model: TokenizerStageModel, cfg: RecipeConfig) -> None:
+    apply_trainable(model, cfg)
+    if cfg.trainable.tower and model.teacher is not None:
+        # the student's MAP head serves the distillation here (apply_trainable freezes it for plain MLLMs)
+        model.visual.encoder.attn_pool.requires_grad_(True)
+    if model.decoder is not None:
+        model.decoder.requires_grad_(True)  # the decoder trains whenever reconstruction is on
+
+
+def build_stage_model(cfg: RecipeConfig, *, cuda: bool | None = None, dry_run: bool = False) -> BuiltModel:
+    """The TokenizerStageModel of an LLM stage, seeded by train.seed. ``dry_run``: shapes only (no weight
+    files read; run it under ``torch.device("meta")``), see :func:`dry_run`."""
+    stage = cfg.stage
+    dtype = resolve_dtype(cfg.model.dtype, cuda)
+    attn = resolve_attention(cfg.model.attn_implementation, cuda)
+    if dry_run:
+        tok, report, init = dry_run_tokenizer(cfg), KeyMapReport(), cfg.model.tokenizer
+    else:
+        tok, report, init = load_stage_tokenizer(cfg)
+    teacher = build_teacher(stage, tok.encoder, cfg.train.seed, dry_run) if stage.distill_weight > 0 else None
+    perceptual = load_perceptual(stage.perceptual) if stage.perceptual and not dry_run else None
+    llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
+    llm, text_tok = load_llm(cfg.model.llm, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    llm.config.use_cache = False
+    visual = VisualInput(tok, "continuous", use_head=stage.kind != "stage1")
+    visual.width, visual.patch_size = tok.encoder.cfg.width, tok.encoder.cfg.patch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
+        model = TokenizerStageModel(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), tok, stage,
+                                    teacher, perceptual)
+    _set_trainable(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.trainable.llm == "lora":
+        model.llm = add_lora(model.llm, cfg)
+    if model.teacher is not None:
+        model.teacher.to(dtype)  # frozen and never saved; the trained parts stay fp32 (they are the product)
+    model.stage_report = stage_report(cfg, tok, report, init, parameter_counts(model))
+    log.info("built tokenizer stage %s (llm=%s, init=%s): %.2fM of %.2fM parameters trainable", stage.kind,
+             cfg.model.llm, init, model.stage_report["parameters"]["trainable"] / 1e6,
+             model.stage_report["parameters"]["total"] / 1e6)
+    return BuiltModel(model, text_tok, None, dtype)
+
+
+def stage_report(cfg: RecipeConfig, tok: ViQTokenizer, report: KeyMapReport, init: str,
+                 params: dict[str, int]) -> dict:
+    h = tok.cfg.head
+    return {
+        "kind": cfg.stage.kind, "init": init, "teacher": cfg.stage.teacher or "initial encoder (frozen copy)",
+        "head": {"quantizer": h.quantizer, "levels": list(h.levels) if h.quantizer == "fsq" else None,
+                 "code_dim": h.code_dim, "codebook_size": tok.codebook_size if h.quantizer == "fsq" else None},
+        "key_map": {"loaded": report.loaded, "reinitialised": report.reinitialised, "ignored": report.ignored},
+        "parameters": params,
+    }
+
+
+def write_report(out_dir: str | Path, report: dict) -> Path:
+    path = Path(out_dir) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def dry_run(cfg: RecipeConfig) -> dict[str, int]:
+    """Build a stage's model on the meta device (shapes only: no weights, data or files) and count its
+    parameters per part; for checking real-scale recipes on any machine."""
+    if cfg.stage is None:
+        raise ValueError("dry_run needs a recipe with a stage section")
+    # torch caches which functions the device context redirects on first use; if that happened inside
+    # transformers' from_pretrained, which swaps torch.linspace for a CPU-pinned wrapper meanwhile, the
+    # real linspace stays unredirected for the whole process. Rebuilding the cache restores it.
+    constructors = getattr(torch.utils._device, "_device_constructors", None)
+    if constructors is not None and hasattr(constructors, "cache_clear"):
+        constructors.cache_clear()
+    with torch.device("meta"):
+        if cfg.stage.kind == "decoder":
+            tok = dry_run_tokenizer(cfg)
+            counts = {"tokenizer": sum(p.numel() for p in tok.parameters()),
+                      "trainable/decoder": sum(p.numel() for p in tok.decoder.parameters())}
+            return {**counts, "total": counts["tokenizer"], "trainable": counts["trainable/decoder"]}
+        built = build_stage_model(cfg, cuda=False, dry_run=True)
+    return built.model.stage_report["parameters"]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def sample_area(rng: random.Random, lo: int, hi: int) -> int:
+    # log-uniform: every octave of scale between the bounds is equally likely
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def area_sampler(cfg: RecipeConfig):
+    """stage.area_range -> a sample transform giving every image its own pixel area (seeded). Fixed per
+    run: packing needs each sample's token length before any pixel is decoded."""
+    if cfg.stage is None or cfg.stage.area_range is None:
+        return None
+    lo, hi = cfg.stage.area_range
+
+    def transform(samples: Iterable[Sample]) -> Iterable[Sample]:
+        rng = random.Random(f"viq-area-{cfg.train.seed}")
+        for s in samples:
+            yield dataclasses.replace(s, images=[dataclasses.replace(r, resize=sample_area(rng, lo, hi))
+                                                 for r in s.images])
+
+    return transform
+
+
+def run_stage(cfg: RecipeConfig) -> Path:
+    """Train one tokenizer stage; returns its ``viq_tokenizer`` directory."""
+    if cfg.stage is None:
+        raise ValueError("run_stage needs a recipe with a stage section")
+    if cfg.stage.vae is not None:
+        raise ValueError(f"stage.vae={cfg.stage.vae!r}: the latent reconstruction target is not implemented "
+                         "(viq.convert.vae loads a VAE's decoder half only); leave stage.vae null for pixels")
+    if cfg.stage.kind == "decoder":
+        from mllm.stage_decoder import run_decoder_stage
+
+        return run_decoder_stage(cfg)
+    trainer = prepare_trainer(cfg, build=build_stage_model, sample_transform=area_sampler(cfg))
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        # ViQTokenizer.save_pretrained writes the module's own (here: partitioned) tensors
+        raise ValueError(f"train.deepspeed={cfg.train.deepspeed!r} is ZeRO-3; the tokenizer stages save the "
+                         "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
+    model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
+    model.aux_scale = 1.0 / (trainer.args.gradient_accumulation_steps * trainer.args.world_size)
+    out = Path(cfg.train.output_dir)
+    if trainer.args.should_save:
+        write_report(out, model.stage_report)  # before training: a failed run still shows the key map
+    trainer.train(resume_from_checkpoint=resume_target(cfg))
+    trainer.save_model(str(out))
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    if trainer.args.should_save:
+        model.tokenizer.save_pretrained(out / VIQ_DIR)
+        last = [rec for rec in trainer.state.log_history if "lm_loss" in rec]
+        write_report(out, {**model.stage_report, "final_metrics": last[-1] if last else {}})
+        log.info("stage %s done: %s", cfg.stage.kind, out / VIQ_DIR)
+    return out / VIQ_DIR
+
+
+def run_chain(recipes: Sequence[str | Path], overrides: Sequence[str] = (), root: str | Path | None = None) -> Path:
+    """Run stage recipes in order; ``overrides`` apply to each. With ``root``, stage k writes to
+    ``root/<recipe name>`` and (k > 0) starts from stage k-1's output. Returns the last viq_tokenizer."""
+    if not recipes:
+        raise ValueError("run_chain needs at least one recipe")
+    product, previous = None, None
+    for path in recipes:
+        extra = list(overrides)
+        if root is not None:
+            extra.append(f"train.output_dir={Path(root) / Path(path).stem}")
+            if previous is not None:
+                extra.append(f"stage.init={previous}")
+        cfg = load_recipe(path, extra)
+        if cfg.stage is None:
+            raise ValueError(f"{path} has no stage section: run_chain runs tokenizer stages only")
+        product = run_stage(cfg)
+        previous = cfg.train.output_dir
+    return product

@@ -1,0 +1,37 @@
+"""`viq demo` at CI size: every step runs and every report file is written (a smoke test), plus real
+checks on what the report says."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mllm.cli import main
+from mllm.demo import DemoConfig
+from viq.configio import load_config
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "ci.yaml"])
+def test_demo_settings_parse(name):
+    cfg = load_config(DemoConfig, RECIPES / name)
+    assert cfg.n_test > 0 and len(cfg.tokenizer_recipes) == 4
+
+
+@pytest.mark.smoke
+@pytest.mark.slow
+def test_demo_writes_the_whole_report(tmp_path):
+    report = tmp_path / "report"
+    assert main(["demo", str(RECIPES / "ci.yaml"), f"work_dir={tmp_path / 'work'}", f"report_dir={report}"]) == 0
+    for name in ("report.md", "results.json", "loss_curves.png", "reconstructions.png", "speedup.png"):
+        assert (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    # both MLLMs were evaluated on the same test questions, and every pipeline step was timed
+    assert results["eval_codes"]["n"] == results["eval_continuous"]["n"] == 16
+    assert set(results["step_seconds"]) == {"generate data", "train tokenizer", "extract codes",
+                                            "train MLLM from codes", "train continuous baseline", "evaluate",
+                                            "benchmark", "report"}
+    assert results["extract"]["counts"]["images"] == 120
+    md = (report / "report.md").read_text()
+    assert "VQA accuracy" in md and "saving vs continuous" in md
