@@ -167,6 +167,8 @@ class StageConfig:
     metrics_window: int = 50  # codebook usage and perplexity over the codes of the last K steps
     stability_every: int = 10  # code stability under noise every N steps (0: never)
     noise_sigma: float = 0.01  # in [-1, 1] pixel units
+    calibrate: bool = True  # fsq: start project_in from the data (zero-mean, unit-std FSQ inputs)
+    calibration_images: int = 64
 
     def __post_init__(self):
         if self.teacher_resolution <= 0 or self.teacher_resolution % 16:

@@ -285,6 +285,26 @@ def area_sampler(cfg: RecipeConfig):
     return transform
 
 
+def calibrate_fsq(tok: ViQTokenizer, dataset, n_images: int) -> None:
+    """Data-dependent start of the FSQ input projection on the first ``n_images`` training images
+    (viq.head.QuantizationHead.calibrate_quantizer_input says why)."""
+    pixels: list = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for sample in item if isinstance(item, list) else [item]:
+            pixels.extend(sample.get("pixel_values") or [])
+        if len(pixels) >= n_images:
+            break
+    if not pixels:
+        log.warning("no training image to calibrate the FSQ input projection on; keeping its init")
+        return
+    with torch.no_grad():
+        out = tok(pixels[:n_images])
+        std = tok.head.calibrate_quantizer_input(out.trunk, out.grids, out.cu, out.max_len)
+    log.info("calibrated the FSQ input projection on %d images (per-dimension std before: %s)",
+             min(len(pixels), n_images), [round(float(v), 4) for v in std])
+
+
 def run_stage(cfg: RecipeConfig) -> Path:
     """Train one tokenizer stage; returns its ``viq_tokenizer`` directory."""
     if cfg.stage is None:
@@ -304,6 +324,8 @@ def run_stage(cfg: RecipeConfig) -> Path:
                          "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
     model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
     model.aux_scale = 1.0 / (trainer.args.gradient_accumulation_steps * trainer.args.world_size)
+    if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume_target(cfg) is None:
+        calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
     out = Path(cfg.train.output_dir)
     if trainer.args.should_save:
         write_report(out, model.stage_report)  # before training: a failed run still shows the key map

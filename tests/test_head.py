@@ -41,3 +41,18 @@ def test_subcodes_attend_only_to_their_own_head_across_patches():
         x, y = tok([a, b]).head.features.split(16), tok([a2, b]).head.features.split(16)
     assert torch.equal(x[1], y[1])
     assert not torch.allclose(x[0][5:], y[0][5:])  # context reaches other patches of the same image
+
+
+def test_calibration_spreads_fsq_inputs_over_the_levels():
+    tok = ViQTokenizer.from_preset("debug", seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 96, generator=g) * 2 - 1 for _ in range(4)]
+    before = {int(i) for c in tok.encode(images) for i in c.indices}
+    out = tok(images)
+    std = tok.head.calibrate_quantizer_input(out.trunk, out.grids, out.cu, out.max_len)
+    assert (std < 0.2).all()  # the collapse being fixed: a fresh head varies far less than one level
+    z = tok.head.quantizer_input(out.trunk, out.grids, out.cu, out.max_len)[0].reshape(-1, tok.cfg.head.code_dim)
+    assert torch.allclose(z.mean(0), torch.zeros(()), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(()), atol=1e-4)
+    after = {int(i) for c in tok.encode(images) for i in c.indices}
+    assert len(after) > 10 * len(before)

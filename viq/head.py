@@ -86,8 +86,8 @@ class QuantizationHead(nn.Module):
         self.embedder = CodeEmbedder(cfg)
         self.grad_checkpointing = False
 
-    def quantize(self, x_NC, grids, cu, max_len) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Trunk features -> (codes [N, E, d], indices [N, E] or None, normalised input [N, C])."""
+    def quantizer_input(self, x_NC, grids, cu, max_len) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk features -> (z [N, E, d] before FSQ or the limit, normalised input [N, C])."""
         ckpt = self.grad_checkpointing and self.training
         pre = self.pre_norm(x_NC)
         x = run_blocks(self.pre_blocks, pre, cu, max_len, ckpt)
@@ -95,7 +95,28 @@ class QuantizationHead(nn.Module):
         x = self.subtoken_mlp(self.expand_mlp(x).reshape(n * self.cfg.expand, c))
         for blk in self.rope_blocks:
             x = blk(x, cu, max_len, grids, self.rope)
-        z = self.project_in(x).reshape(n, self.cfg.expand, -1)
+        return self.project_in(x).reshape(n, self.cfg.expand, -1), pre
+
+    @torch.no_grad()
+    def calibrate_quantizer_input(self, x_NC, grids, cu, max_len, target_std: float = 1.0) -> torch.Tensor:
+        """Rescale ``project_in`` so that z has zero mean and ``target_std`` per dimension on these features.
+
+        A freshly initialised (or freshly re-initialised, after the proximal stage) ``project_in`` gives
+        inputs that vary far less across patches than one FSQ level, so every patch falls on one code and
+        the codebook collapses before training can spread it; this data-dependent start (as k-means
+        initialises a VQ codebook) uses the levels from step one. Returns the per-dimension std before.
+        """
+        z = self.quantizer_input(x_NC, grids, cu, max_len)[0].reshape(-1, self.cfg.code_dim).float()
+        mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+        w, b = self.project_in.weight, self.project_in.bias
+        scale = (target_std / std).to(w.dtype)
+        w.mul_(scale[:, None])
+        b.copy_((b - mean.to(b.dtype)) * scale)
+        return std
+
+    def quantize(self, x_NC, grids, cu, max_len) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Trunk features -> (codes [N, E, d], indices [N, E] or None, normalised input [N, C])."""
+        z, pre = self.quantizer_input(x_NC, grids, cu, max_len)
         if self.fsq is not None:
             codes, indices = self.fsq(z)
             return codes, indices, pre
