@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -58,7 +58,6 @@ class DemoConfig:
     bench_recipe: str | None = "recipes/bench/cpu.yaml"
     bench_overrides: tuple[str, ...] = ()
     n_reconstructions: int = 6
-    extra: dict = field(default_factory=dict)
 
 
 class Progress:
