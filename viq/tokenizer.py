@@ -8,7 +8,9 @@ A tokenizer directory holds ``config.json`` (the full config tree) and ``model.s
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +104,8 @@ class ViQTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> ViQTokenizer:
-        model = cls(read_config(path))
+        with skip_weight_init():  # every tensor is overwritten by the strict load below
+            model = cls(read_config(path))
         state = load_file(str(Path(path) / "model.safetensors"))
         load_strict(model, state, what=str(path))
         if (Path(path) / "vae").is_dir():
@@ -200,6 +203,20 @@ class ViQTokenizer(nn.Module):
             vae = self.vae.to(self.device)
             return [Image.fromarray(decode_latents(vae, o)) for o in outs]
         return [to_pil(o) for o in outs]
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Skip the random init of Linear/Conv weights while building a model whose every tensor a strict
+    load overwrites next (about half the build time of the large presets). Not thread-safe."""
+    saved = {n: getattr(torch.nn.init, n) for n in ("kaiming_uniform_", "uniform_", "trunc_normal_")}
+    try:
+        for n in saved:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def to_pil(x_3HW: torch.Tensor) -> Image.Image:

@@ -20,8 +20,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from torch.nn import functional as F
 from viq.config import DecoderConfig, EncoderConfig, PreprocessConfig, TokenizerConfig, preset
 from viq.convert.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
 from viq.quantize import FSQ, FSQ_PRESETS
-from viq.tokenizer import ViQTokenizer, load_strict
+from viq.tokenizer import ViQTokenizer, load_strict, skip_weight_init
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +245,6 @@ def _collect(routed, rules, names, own: Mapping[str, torch.Tensor]) -> dict[str,
     return state
 
 
-@contextmanager
-def _no_random_init() -> Iterator[None]:
-    """Skip the random init of Linear/Conv weights (half the build time): the strict load overwrites all."""
-    saved = {n: getattr(torch.nn.init, n) for n in ("kaiming_uniform_", "uniform_", "trunc_normal_")}
-    try:
-        for n in saved:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
-
-
 def _check_codebook(model: ViQTokenizer, name: str) -> None:
     expected = FSQ(model.cfg.head.levels).implicit_codebook().to(torch.bfloat16)
     if not torch.equal(model.head.embedder.codebook.to(torch.bfloat16), expected):
@@ -300,7 +286,7 @@ def reference_tokenizer(files: Mapping[str, Mapping[str, torch.Tensor]], size: s
     rules = reference_rules(cfg)
     routed = _route(files, rules, names)
     _check_copies(routed, names)
-    with _no_random_init():
+    with skip_weight_init():
         model = ViQTokenizer(cfg)
     state = _collect(routed, rules, names, model.state_dict())
     load_strict(model, state, what=f"ViQ reference weights ({size})")
