@@ -45,14 +45,28 @@ def test_subcodes_attend_only_to_their_own_head_across_patches():
 
 def test_calibration_spreads_fsq_inputs_over_the_levels():
     tok = ViQTokenizer.from_preset("debug", seed=0).eval()
+    with torch.no_grad():  # a projection that shrinks the inputs, as a freshly re-initialised one can
+        tok.head.project_in.weight.mul_(0.01)
+        tok.head.project_in.bias.zero_()
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 96, generator=g) * 2 - 1 for _ in range(4)]
     before = {int(i) for c in tok.encode(images) for i in c.indices}
     out = tok(images)
     std = tok.head.calibrate_quantizer_input(out.trunk, out.grids, out.cu, out.max_len)
-    assert (std < 0.2).all()  # the collapse being fixed: a fresh head varies far less than one level
+    assert (std < 0.2).all()  # the collapse being fixed: the inputs vary far less than one level
     z = tok.head.quantizer_input(out.trunk, out.grids, out.cu, out.max_len)[0].reshape(-1, tok.cfg.head.code_dim)
     assert torch.allclose(z.mean(0), torch.zeros(()), atol=1e-4)
     assert torch.allclose(z.std(0), torch.ones(()), atol=1e-4)
     after = {int(i) for c in tok.encode(images) for i in c.indices}
     assert len(after) > 10 * len(before)
+
+
+def test_fresh_head_keeps_patches_apart():
+    # the head's Linear chain is initialised variance-preserving (viq.layers.init_linear): with
+    # PyTorch's default init the per-patch variation all but vanished by the embedder's output
+    tok = ViQTokenizer.from_preset("debug", seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 96, generator=g) * 2 - 1 for _ in range(4)]
+    with torch.no_grad():
+        feats = tok(images).head.features
+    assert (feats.var(0).mean() / feats.pow(2).mean()) > 0.05

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from viq.config import DecoderConfig, HeadConfig
-from viq.layers import Block, Mlp, ResidualMlp, run_blocks
+from viq.layers import Block, Mlp, ResidualMlp, init_linear, run_blocks
 from viq.quantize import FSQ
 
 
@@ -30,9 +30,9 @@ class CodeEmbedder(nn.Module):
             self.register_buffer("codebook", FSQ(cfg.levels).implicit_codebook())
         else:
             self.codebook = None
-        self.project_out = nn.Linear(cfg.code_dim, c)
-        self.merge_mlp = Mlp(e * c, e * c, c)
-        self.post_mlp = Mlp(c, c, c)
+        self.project_out = init_linear(nn.Linear(cfg.code_dim, c))
+        self.merge_mlp = Mlp(e * c, e * c, c).init_variance_preserving()
+        self.post_mlp = Mlp(c, c, c).init_variance_preserving()
         self.post_blocks = nn.ModuleList(ResidualMlp(c, cfg.post_hidden, cfg.aux_norm_eps)
                                          for _ in range(cfg.post_blocks))
         self.affine_weight = nn.Parameter(torch.ones(c))
@@ -75,7 +75,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = cfg.width
-        self.adapter_mlp = Mlp(c, c, c)
+        self.adapter_mlp = Mlp(c, c, c).init_variance_preserving()
         self.adapter_norm = nn.LayerNorm(c, eps=1e-6)
         self.blocks = nn.ModuleList(Block(c, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.blocks))
         self.out_norm = nn.GroupNorm(cfg.norm_groups, c, eps=cfg.norm_eps)

@@ -19,7 +19,7 @@ from torch import nn
 from viq.attention import varlen_attention
 from viq.config import HeadConfig
 from viq.decoder import CodeEmbedder
-from viq.layers import Block, Mlp, run_blocks
+from viq.layers import Block, Mlp, init_linear, run_blocks
 from viq.quantize import FSQ, apply_limit
 from viq.rope2d import GoldenRoPE2d
 
@@ -74,14 +74,14 @@ class QuantizationHead(nn.Module):
         self.pre_blocks = nn.ModuleList(
             Block(c, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps) for _ in range(cfg.pre_blocks)
         )
-        self.expand_mlp = Mlp(c, e * c, e * c)
-        self.subtoken_mlp = Mlp(c, c, c)
+        self.expand_mlp = Mlp(c, e * c, e * c).init_variance_preserving()
+        self.subtoken_mlp = Mlp(c, c, c).init_variance_preserving()
         self.rope = GoldenRoPE2d(cfg.rope_dim, e, cfg.rope_angles)
         self.rope_blocks = nn.ModuleList(
             HeadwiseRoPEBlock(c, cfg.rope_dim, e, cfg.rope_mlp_hidden, cfg.norm_eps)
             for _ in range(cfg.rope_blocks)
         )
-        self.project_in = nn.Linear(c, cfg.code_dim)
+        self.project_in = init_linear(nn.Linear(c, cfg.code_dim))
         self.fsq = FSQ(cfg.levels) if cfg.quantizer == "fsq" else None
         self.embedder = CodeEmbedder(cfg)
         self.grad_checkpointing = False

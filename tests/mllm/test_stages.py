@@ -70,7 +70,10 @@ def test_one_tower_forward_per_step(demo_data, tmp_path, monkeypatch):
     out = model(**batch)
     assert len(student) == 1 and len(teacher) == 1
     assert out.distill_loss > 0 and out.recon_loss > 0
-    expected = out.lm_loss + 10.0 * out.distill_loss + 1.0 * out.recon_loss
+    st = cfg.stage
+    assert out.feat_rec_loss > 0
+    expected = (out.lm_loss + st.distill_weight * out.distill_loss + st.recon_weight * out.recon_loss
+                + st.feat_rec_weight * out.feat_rec_loss)
     torch.testing.assert_close(out.loss.detach(), expected)
     out.loss.backward()
     assert model.decoder.out_conv.weight.grad.abs().sum() > 0
