@@ -105,6 +105,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
+    calibrate_projector: bool = False  # start proj1 from the data (Projector.calibrate); not on resume
+    calibration_samples: int = 64
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = None

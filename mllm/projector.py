@@ -47,6 +47,23 @@ class Projector(nn.Module):
         self.image_begin = nn.Parameter(torch.randn(hidden) * std)
         self.image_end = nn.Parameter(torch.randn(hidden) * std)
 
+    @torch.no_grad()
+    def calibrate(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Rescale ``proj1`` so that its outputs have zero mean and unit std per channel on these features.
+
+        Visual features of mostly uniform images share a large common component (every background patch
+        is alike), so a fresh ``proj1`` hands the LLM image tokens that differ by a few percent of their
+        norm; this data-dependent start (as LSUV initialises a network) makes them differ from step one.
+        Returns the per-channel std before.
+        """
+        x = torch.cat(feats).to(self.proj1.weight)
+        y = self.proj1(x).float()
+        mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
+        w, b = self.proj1.weight, self.proj1.bias
+        w.mul_((1 / std).to(w.dtype)[:, None])
+        b.copy_(((b.float() - mean) / std).to(b.dtype))
+        return std
+
     def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per-image features -> per-image LLM embeddings, ``num_image_tokens(h, w)`` each.
 

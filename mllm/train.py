@@ -296,9 +296,36 @@ def prepare_trainer(cfg: RecipeConfig, *, build=build_mllm, sample_transform=Non
     )
 
 
+def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
+    """Data-dependent start of the projector (mllm.projector.Projector.calibrate) on the visual features
+    of the first ``n_samples`` training samples; every rank reads the same ones, so all agree."""
+    model, dataset, feats = trainer.model, trainer.train_dataset, []
+    seen = 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for sample in item if isinstance(item, list) else [item]:
+                if sample.get("image_grids") is not None and len(sample["image_grids"]):
+                    pixels, codes = sample.get("pixel_values"), sample.get("codes")
+                    if codes is None and trainer.code_encoder is not None:  # codes computed in the step
+                        codes = trainer.code_encoder(pixels)
+                    feats += model.visual(pixel_values=pixels, codes=codes, image_grids=sample["image_grids"])
+                seen += 1
+            if seen >= n_samples:
+                break
+    if not feats:
+        log.warning("no training image to calibrate the projector on; keeping its init")
+        return
+    std = model.projector.calibrate(feats)
+    log.info("calibrated the projector on %d images (median channel std before: %.4f)", len(feats),
+             float(std.median()))
+
+
 def run_training(cfg: RecipeConfig) -> MLLMTrainer:
     """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir."""
     trainer = prepare_trainer(cfg)
+    if cfg.train.calibrate_projector and resume_target(cfg) is None:
+        calibrate_projector(trainer, cfg.train.calibration_samples)
     trainer.train(resume_from_checkpoint=resume_target(cfg))
     trainer.save_model(cfg.train.output_dir)
     if trainer.eval_dataset is not None:

@@ -9,7 +9,7 @@ from mllm_helpers import RECIPES, debug_overrides
 
 from mllm.build import build_mllm, param_groups, part_of
 from mllm.config import load_recipe
-from mllm.train import prepare_trainer
+from mllm.train import calibrate_projector, prepare_trainer
 
 
 def test_lora_recipe_parts_and_groups(tmp_path):
@@ -68,3 +68,22 @@ def test_frozen_parts_bit_identical_trainable_moved(demo_data, tmp_path):
     assert moved == {"projector", "llm"}
     # every LoRA B matrix left zero, i.e. the LLM actually learnt
     assert all(not torch.equal(before[n], after[n].detach()) for n in trainable if "lora_B" in n)
+
+
+def test_projector_calibration_on_the_training_codes(demo_data, tmp_path):
+    cfg = load_recipe(RECIPES / "debug" / "sft_lora.yaml",
+                      debug_overrides(demo_data, tmp_path, "train.max_steps=1", "train.calibration_samples=8"))
+    trainer = prepare_trainer(cfg)
+    calibrate_projector(trainer, cfg.train.calibration_samples)
+    feats, seen = [], 0
+    for item in (trainer.train_dataset[i] for i in range(len(trainer.train_dataset))):
+        for s in item if isinstance(item, list) else [item]:
+            codes = trainer.code_encoder(s["pixel_values"])  # this recipe computes codes in the step
+            feats += trainer.model.visual(codes=codes, image_grids=s["image_grids"])
+            seen += 1
+        if seen >= 8:
+            break
+    with torch.no_grad():
+        y = trainer.model.projector.proj1(torch.cat(feats))
+    torch.testing.assert_close(y.mean(0), torch.zeros(y.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std(0), torch.ones(y.shape[1]), atol=1e-3, rtol=0)

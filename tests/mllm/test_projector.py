@@ -51,3 +51,20 @@ def test_grid_mismatch_is_rejected():
     proj = Projector(8, 8)
     with pytest.raises(ValueError, match="do not match"):
         proj([torch.randn(5, 8)], [(2, 2)])
+
+
+def test_calibration_standardises_proj1_on_the_features():
+    torch.manual_seed(0)
+    proj = Projector(16, 32)
+    # features with a large shared component, as mostly-background images give
+    shared = torch.randn(1, 16) * 3
+    feats = [shared + 0.1 * torch.randn(n, 16) for n in (12, 20)]
+    y0 = proj.proj1(torch.cat(feats))
+    assert (y0.std(0) < 0.5).all()  # what calibration mends: tokens differ by a sliver of their norm
+    std = proj.calibrate(feats)
+    torch.testing.assert_close(std, y0.std(0).detach())
+    y = proj.proj1(torch.cat(feats))
+    torch.testing.assert_close(y.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(0), torch.ones(32), atol=1e-4, rtol=0)
+    # an affine map of proj1's old output: the same function up to per-channel scale and shift
+    torch.testing.assert_close(y, (y0 - y0.mean(0)) / y0.std(0), atol=1e-4, rtol=0)
