@@ -122,7 +122,7 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
-        for name in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps"):
+        for name in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps", "calibration_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_epochs <= 0:

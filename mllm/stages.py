@@ -40,7 +40,7 @@ from mllm.llm import IMAGE_TOKEN, load_llm
 from mllm.model import MLLM, VisualInput, VisualTrace
 from mllm.stage_init import build_teacher, dry_run_tokenizer, load_perceptual, load_stage_tokenizer, perceptual_term
 from mllm.stage_metrics import StageMetrics, code_stability
-from mllm.train import prepare_trainer, resume_target
+from mllm.train import calibrate_projector, prepare_trainer, resume_target
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple
@@ -326,6 +326,8 @@ def run_stage(cfg: RecipeConfig) -> Path:
     model.aux_scale = 1.0 / (trainer.args.gradient_accumulation_steps * trainer.args.world_size)
     if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume_target(cfg) is None:
         calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
+    if cfg.train.calibrate_projector and resume_target(cfg) is None:
+        calibrate_projector(trainer, cfg.train.calibration_samples)  # on the (calibrated) head's features
     out = Path(cfg.train.output_dir)
     if trainer.args.should_save:
         write_report(out, model.stage_report)  # before training: a failed run still shows the key map

@@ -209,7 +209,8 @@ class ViQTokenizer(nn.Module):
 def skip_weight_init() -> Iterator[None]:
     """Skip the random init of Linear/Conv weights while building a model whose every tensor a strict
     load overwrites next (about half the build time of the large presets). Not thread-safe."""
-    saved = {n: getattr(torch.nn.init, n) for n in ("kaiming_uniform_", "uniform_", "trunc_normal_", "normal_", "zeros_")}
+    names = ("kaiming_uniform_", "uniform_", "trunc_normal_", "normal_", "zeros_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
     try:
         for n in saved:
             setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)

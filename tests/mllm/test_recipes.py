@@ -74,6 +74,8 @@ def test_unknown_and_bad_keys_are_named():
         load_recipe(recipe, ["trainable.tower=true"])  # a discrete run has no tower
     with pytest.raises(ConfigError, match="lora.dropout"):
         load_recipe(recipe, ["lora.dropout=1.5"])
+    with pytest.raises(ConfigError, match="train.calibration_samples must be positive, got 0"):
+        load_recipe(recipe, ["train.calibration_samples=0"])
     with pytest.raises(ConfigError, match="missing required config key model.llm"):
         load_recipe(None, ["data.train=x", "train.output_dir=y", "model.tokenizer=debug"])
 
