@@ -148,10 +148,23 @@ def plot_reconstructions(tok: ViQTokenizer, images: list, path: Path) -> None:
     plt.close(fig)
 
 
+WORK_MARKER = ".viq-demo-work"
+
+
+def fresh_work_dir(work: Path) -> None:
+    """Empty ``work`` for a fresh run (stale checkpoints or codes of an earlier run must not leak into it),
+    refusing a non-empty directory that no demo made: work_dir=. must not wipe a checkout."""
+    earlier_demo = (work / WORK_MARKER).is_file() or (work / "data" / "manifest.json").is_file()
+    if work.is_dir() and any(work.iterdir()) and not earlier_demo:
+        raise ValueError(f"work_dir {work} is not empty and no viq demo made it; choose a new or empty directory")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).touch()
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     work, report = Path(_path(cfg.work_dir)), Path(_path(cfg.report_dir))
-    # the demo is one fresh run: stale checkpoints or codes of an earlier run must not leak into it
-    shutil.rmtree(work, ignore_errors=True)
+    fresh_work_dir(work)
     report.mkdir(parents=True, exist_ok=True)
     prog = Progress(STEPS)
     results: dict = {"config": to_dict(cfg)}
