@@ -277,22 +277,8 @@ def extract(
         tok = tok.to(device=device, dtype=dtype)
     tok.eval()
     items, n_samples = collect_images(dataset_path, image_root)
-    n_shards = math.ceil(len(items) / shard_size)
-    plan = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tokenizer": identity,
-        "codebook_size": tok.codebook_size,
-        "codes_per_patch": tok.codes_per_patch,
-        "code_dtype": str(_code_type(tok.codebook_size)),
-        "compute_dtype": str(tok.encoder.pos_embed.dtype),
-        "preprocess": to_dict(base),
-        "batch_patches": batch_patches,
-        "shard_size": shard_size,
-        "n_shards": n_shards,
-        "n_images": len(items),
-        "keys_sha256": sha256_json([k for k, _ in items]),
-    }
+    plan = _plan(tok, identity, base, items, batch_patches, shard_size)
+    n_shards = plan["n_shards"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out, plan)
@@ -308,12 +294,34 @@ def extract(
             rows, failures = _encode_shard(
                 tok, items[s * shard_size : (s + 1) * shard_size], base, batch_patches, pool, pbar
             )
-            name = shard_name(s, n_shards)
-            for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run; this rank owns shard s
-                stale.unlink(missing_ok=True)
-            _write_failures(out / f"{name}.failures.jsonl", failures)  # before the shard: done means both
-            _write_shard(out / f"{name}.parquet", rows, code_type)
+            _save_shard(out, shard_name(s, n_shards), rows, failures, code_type)
     return finalize(out, plan, dataset_path, n_samples)
+
+
+def _plan(tok: ViQTokenizer, identity: dict, base, items: list, batch_patches: int, shard_size: int) -> dict:
+    """What a run's shards depend on; a rerun into the same directory must agree with it (_check_plan)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": identity,
+        "codebook_size": tok.codebook_size,
+        "codes_per_patch": tok.codes_per_patch,
+        "code_dtype": str(_code_type(tok.codebook_size)),
+        "compute_dtype": str(tok.encoder.pos_embed.dtype),
+        "preprocess": to_dict(base),
+        "batch_patches": batch_patches,
+        "shard_size": shard_size,
+        "n_shards": math.ceil(len(items) / shard_size),
+        "n_images": len(items),
+        "keys_sha256": sha256_json([k for k, _ in items]),
+    }
+
+
+def _save_shard(out: Path, name: str, rows, failures, code_type) -> None:
+    for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run; this rank owns this shard
+        stale.unlink(missing_ok=True)
+    _write_failures(out / f"{name}.failures.jsonl", failures)  # before the shard: done means both
+    _write_shard(out / f"{name}.parquet", rows, code_type)
 
 
 def finalize(out: Path, plan: dict, dataset_path, n_samples: int) -> dict | None:
