@@ -444,10 +444,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_bench(load_config(BenchConfig, args.recipe, args.overrides))
     return 0
-
-
-if __name__ == "__main__":  # python -m mllm.bench RECIPE.yaml ... (scripts/gpu_bench.sh), without the viq CLI
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())

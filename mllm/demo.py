@@ -21,7 +21,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mllm.bench import BenchConfig, markdown, run_bench  # noqa: E402
 from mllm.config import load_recipe  # noqa: E402
@@ -32,7 +31,8 @@ from mllm.inference import load_mllm, load_vis_tokenizer  # noqa: E402
 from mllm.stages import run_chain  # noqa: E402
 from mllm.train import run_training  # noqa: E402
 from viq import ViQTokenizer  # noqa: E402
-from viq.configio import load_config, load_yaml, to_dict  # noqa: E402
+from viq.configio import load_config, to_dict  # noqa: E402
+from viq.tokenizer import to_pil  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +135,7 @@ def plot_reconstructions(tok: ViQTokenizer, images: list, path: Path) -> None:
     """Originals (as the tokenizer sees them) above their reconstructions from codes."""
     pixels = tok.preprocess(images)
     recons = tok.decode(tok.encode(pixels))
-    originals = [Image.fromarray(((x.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype("uint8"))
-                 for x in pixels]
+    originals = [to_pil(x) for x in pixels]
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.6), squeeze=False)
     for i, (o, r) in enumerate(zip(originals, recons, strict=True)):
         for row, img, title in ((0, o, "original"), (1, r, "from codes")):
@@ -265,6 +264,5 @@ def main(argv: list[str] | None = None) -> int:
     if "=" in args.recipe:  # only overrides were given
         args.overrides.insert(0, args.recipe)
         args.recipe = str(DEFAULT_RECIPE)
-    load_yaml(args.recipe)
     run_demo(load_config(DemoConfig, args.recipe, args.overrides))
     return 0

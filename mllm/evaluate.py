@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from mllm.data.readers import ImageRef, read_samples
 from mllm.inference import Request, generate_batch, preprocess_image
+from mllm.stage_metrics import PIXEL_RANGE, codebook_stats
 from viq.image import normalize
 from viq.tokenizer import ViQTokenizer
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 TORCHMETRICS_AVAILABLE = importlib.util.find_spec("torchmetrics") is not None
 CAPTION = "caption"
-PIXEL_RANGE = 2.0  # images are normalised to [-1, 1]
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -258,13 +258,12 @@ def _ssim_torch(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> 
 def code_statistics(codes: Sequence, codebook_size: int) -> dict:
     """Codebook usage, histogram perplexity and bits per image of a list of ``Codes``."""
     flat = torch.cat([c.indices.reshape(-1).cpu() for c in codes])
-    hist = torch.bincount(flat, minlength=codebook_size).double()
-    p = hist[hist > 0] / hist.sum()
+    stats = codebook_stats(flat, codebook_size)
     mean_codes = flat.numel() / len(codes)
     return {
         "codebook_size": codebook_size,
-        "codebook_usage": int((hist > 0).sum()) / codebook_size,
-        "perplexity": float(torch.exp(-(p * p.log()).sum())),
+        "codebook_usage": stats["codebook_usage"],
+        "perplexity": stats["code_perplexity"],
         "codes_per_image": mean_codes,
         "bits_per_image": mean_codes * math.log2(codebook_size),
     }

@@ -30,7 +30,6 @@ class VisualTrace:
     the tokenizer stages (mllm.stages) reuse them for distillation and reconstruction instead of
     running the tower a second time."""
 
-    features: torch.Tensor  # [N, C] what the projector saw
     trunk: torch.Tensor  # [N, C] encoder output before its final norm
     head: HeadOutput | None  # with use_head
     grids: list[tuple[int, int]]
@@ -76,7 +75,7 @@ class VisualInput(nn.Module):
         head = self.head(trunk, grids, cu, max_len) if self.use_head else None
         feats = head.features if head is not None else self.encoder.norm(trunk)
         if self.keep_trace:
-            self.trace = VisualTrace(feats, trunk, head, grids, cu, max_len)
+            self.trace = VisualTrace(trunk, head, grids, cu, max_len)
         return list(feats.split([h * w for h, w in grids]))
 
     def _from_codes(self, codes, image_grids) -> list[torch.Tensor]:

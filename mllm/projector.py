@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from viq.layers import standardise_linear_
+
 
 def num_image_tokens(h: int, w: int) -> int:
     """LLM tokens for an image with an (h, w) patch grid; both sides must be even (2x2 pooling)."""
@@ -56,13 +58,7 @@ class Projector(nn.Module):
         norm; this data-dependent start (as LSUV initialises a network) makes them differ from step one.
         Returns the per-channel std before.
         """
-        x = torch.cat(feats).to(self.proj1.weight)
-        y = self.proj1(x).float()
-        mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
-        w, b = self.proj1.weight, self.proj1.bias
-        w.mul_((1 / std).to(w.dtype)[:, None])
-        b.copy_(((b.float() - mean) / std).to(b.dtype))
-        return std
+        return standardise_linear_(self.proj1, self.proj1(torch.cat(feats).to(self.proj1.weight)))
 
     def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per-image features -> per-image LLM embeddings, ``num_image_tokens(h, w)`` each.

@@ -32,7 +32,6 @@ from mllm.stage_metrics import StageMetrics, code_stability
 from mllm.stages import sample_area, stage_report, write_report
 from mllm.train import LOG_FILE
 from viq.decoder import reconstruction_loss
-from viq.encoder import cu_from_grids, patchify
 from viq.image import load_image, pad_to_multiple, preprocess
 from viq.tokenizer import ViQTokenizer
 
@@ -111,13 +110,10 @@ def decoder_loss(tok: ViQTokenizer, pixels: list[torch.Tensor], perceptual, weig
     """(loss, metric values, code indices [N, E]) of one micro-batch: codes from the frozen tokenizer,
     features from the codes (as ViQTokenizer.decode computes them), pixels from the trained decoder."""
     dev, patch = tok.device, tok.cfg.encoder.patch_size
-    patches, grids = patchify(pixels, patch)
-    cu, max_len = cu_from_grids(grids, dev)
     with torch.no_grad():
-        trunk = tok.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
-        codes, indices, _ = tok.head.quantize(trunk, grids, cu, max_len)
-        feats_NC = tok.head.embedder.forward_codes(codes)
-    preds = tok.decoder(feats_NC, grids, cu, max_len)
+        out = tok(pixels)
+    indices = out.head.indices
+    preds = tok.decoder(out.head.features, out.grids, out.cu, out.max_len)
     targets = [pad_to_multiple(x.to(dev), patch) for x in pixels]
     mse = reconstruction_loss(preds, targets)
     baseline = sum(((x - x.mean(dim=(1, 2), keepdim=True)) ** 2).sum() for x in targets) / sum(

@@ -170,10 +170,8 @@ def build_teacher(stage: StageConfig, initial: Encoder, seed: int, dry_run: bool
     spec = stage.teacher
     if spec is None or dry_run:
         encoder = copy.deepcopy(initial)
-    elif spec in VIQ_PRESETS:
-        encoder = ViQTokenizer.from_preset(spec, seed=seed).encoder
-    elif is_viq_dir(Path(spec)) or is_viq_dir(Path(spec) / VIQ_DIR):
-        encoder = ViQTokenizer.from_pretrained(resolve_tokenizer_dir(spec, "stage.teacher")).encoder
+    elif spec in VIQ_PRESETS or is_viq_dir(Path(spec)) or is_viq_dir(Path(spec) / VIQ_DIR):
+        encoder = load_tokenizer(spec, "stage.teacher", seed).encoder
     elif (Path(spec) / "config.json").is_file():
         from viq.convert import load_siglip2
 

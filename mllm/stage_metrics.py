@@ -15,7 +15,7 @@ from torch import nn
 
 from viq.encoder import cu_from_grids, patchify
 
-PIXEL_RANGE = 2.0
+PIXEL_RANGE = 2.0  # images are normalised to [-1, 1]
 
 
 def psnr_from_mse(mse: float, data_range: float = PIXEL_RANGE) -> float:

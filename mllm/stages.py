@@ -40,7 +40,7 @@ from mllm.llm import IMAGE_TOKEN, load_llm
 from mllm.model import MLLM, VisualInput, VisualTrace
 from mllm.stage_init import build_teacher, dry_run_tokenizer, load_perceptual, load_stage_tokenizer, perceptual_term
 from mllm.stage_metrics import StageMetrics, code_stability
-from mllm.train import calibrate_projector, prepare_trainer, resume_target
+from mllm.train import calibrate_projector, leading_items, prepare_trainer, resume_target
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple
@@ -289,9 +289,8 @@ def calibrate_fsq(tok: ViQTokenizer, dataset, n_images: int) -> None:
     """Data-dependent start of the FSQ input projection on the first ``n_images`` training images
     (viq.head.QuantizationHead.calibrate_quantizer_input says why)."""
     pixels: list = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        for sample in item if isinstance(item, list) else [item]:
+    for item in leading_items(dataset):
+        for sample in item:
             pixels.extend(sample.get("pixel_values") or [])
         if len(pixels) >= n_images:
             break
@@ -324,14 +323,15 @@ def run_stage(cfg: RecipeConfig) -> Path:
                          "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
     model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
     model.aux_scale = 1.0 / (trainer.args.gradient_accumulation_steps * trainer.args.world_size)
-    if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume_target(cfg) is None:
+    resume = resume_target(cfg)
+    if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume is None:
         calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
-    if cfg.train.calibrate_projector and resume_target(cfg) is None:
+    if cfg.train.calibrate_projector and resume is None:
         calibrate_projector(trainer, cfg.train.calibration_samples)  # on the (calibrated) head's features
     out = Path(cfg.train.output_dir)
     if trainer.args.should_save:
         write_report(out, model.stage_report)  # before training: a failed run still shows the key map
-    trainer.train(resume_from_checkpoint=resume_target(cfg))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     if trainer.eval_dataset is not None:
         trainer.evaluate()

@@ -23,6 +23,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -296,21 +297,27 @@ def prepare_trainer(cfg: RecipeConfig, *, build=build_mllm, sample_transform=Non
     )
 
 
+def leading_items(dataset) -> Iterator[list[dict]]:
+    """The items of a (possibly packed) training data set in order, each as its list of samples, for
+    data-dependent starts; every rank reads the same ones, so all ranks agree on the result."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        yield item if isinstance(item, list) else [item]
+
+
 def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
     """Data-dependent start of the projector (mllm.projector.Projector.calibrate) on the visual features
-    of the first ``n_samples`` training samples; every rank reads the same ones, so all agree."""
-    model, dataset, feats = trainer.model, trainer.train_dataset, []
-    seen = 0
+    of the first ``n_samples`` training samples."""
+    model, feats, seen = trainer.model, [], 0
     with torch.no_grad():
-        for i in range(len(dataset)):
-            item = dataset[i]
-            for sample in item if isinstance(item, list) else [item]:
+        for item in leading_items(trainer.train_dataset):
+            for sample in item:
                 if sample.get("image_grids") is not None and len(sample["image_grids"]):
                     pixels, codes = sample.get("pixel_values"), sample.get("codes")
                     if codes is None and trainer.code_encoder is not None:  # codes computed in the step
                         codes = trainer.code_encoder(pixels)
                     feats += model.visual(pixel_values=pixels, codes=codes, image_grids=sample["image_grids"])
-                seen += 1
+            seen += len(item)
             if seen >= n_samples:
                 break
     if not feats:
@@ -324,9 +331,10 @@ def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
 def run_training(cfg: RecipeConfig) -> MLLMTrainer:
     """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir."""
     trainer = prepare_trainer(cfg)
-    if cfg.train.calibrate_projector and resume_target(cfg) is None:
+    resume = resume_target(cfg)
+    if cfg.train.calibrate_projector and resume is None:
         calibrate_projector(trainer, cfg.train.calibration_samples)
-    trainer.train(resume_from_checkpoint=resume_target(cfg))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.train.output_dir)
     if trainer.eval_dataset is not None:
         trainer.evaluate()

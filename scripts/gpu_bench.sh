@@ -20,13 +20,13 @@ a.available_backends('cuda', torch.bfloat16))"
 
 SMALL='[{llm: qwen2.5-0.5b, seq_len: 4096}, {llm: qwen2.5-0.5b, seq_len: 16384},
         {llm: qwen2.5-1.5b, seq_len: 4096}, {llm: qwen2.5-1.5b, seq_len: 16384}]'
-timeout 540 "$PY" -m mllm.bench recipes/bench/gpu.yaml "presets=$SMALL" "out_dir=$BENCH_OUT" "$@"
+timeout 540 "$PY" -m mllm.cli bench recipes/bench/gpu.yaml "presets=$SMALL" "out_dir=$BENCH_OUT" "$@"
 cat "$BENCH_OUT/bench.md"
 
 if [[ "${BENCH_LARGE:-0}" == "1" ]]; then
   LARGE='[{llm: qwen2.5-3b, seq_len: 4096}, {llm: qwen2.5-3b, seq_len: 16384},
           {llm: qwen2.5-7b, seq_len: 4096}, {llm: qwen2.5-7b, seq_len: 16384}]'
-  timeout 900 "$PY" -m mllm.bench recipes/bench/gpu.yaml "presets=$LARGE" "out_dir=$BENCH_OUT-large" \
+  timeout 900 "$PY" -m mllm.cli bench recipes/bench/gpu.yaml "presets=$LARGE" "out_dir=$BENCH_OUT-large" \
     llm_checkpointing=true "$@"
   cat "$BENCH_OUT-large/bench.md"
 fi

@@ -19,7 +19,7 @@ from torch import nn
 from viq.attention import varlen_attention
 from viq.config import HeadConfig
 from viq.decoder import CodeEmbedder
-from viq.layers import Block, Mlp, init_linear, run_blocks
+from viq.layers import Block, Mlp, init_linear, run_blocks, standardise_linear_
 from viq.quantize import FSQ, apply_limit
 from viq.rope2d import GoldenRoPE2d
 
@@ -106,13 +106,7 @@ class QuantizationHead(nn.Module):
         the codebook collapses before training can spread it; this data-dependent start (as k-means
         initialises a VQ codebook) uses the levels from step one. Returns the per-dimension std before.
         """
-        z = self.quantizer_input(x_NC, grids, cu, max_len)[0].reshape(-1, self.cfg.code_dim).float()
-        mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
-        w, b = self.project_in.weight, self.project_in.bias
-        scale = (target_std / std).to(w.dtype)
-        w.mul_(scale[:, None])
-        b.copy_((b - mean.to(b.dtype)) * scale)
-        return std
+        return standardise_linear_(self.project_in, self.quantizer_input(x_NC, grids, cu, max_len)[0], target_std)
 
     def quantize(self, x_NC, grids, cu, max_len) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Trunk features -> (codes [N, E, d], indices [N, E] or None, normalised input [N, C])."""

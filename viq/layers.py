@@ -33,6 +33,18 @@ class Mlp(nn.Module):
         return self
 
 
+@torch.no_grad()
+def standardise_linear_(layer: nn.Linear, y: torch.Tensor, target_std: float = 1.0) -> torch.Tensor:
+    """Rescale ``layer`` in place so that its outputs, ``y`` ``[..., out]`` on some data, get zero mean and
+    ``target_std`` per output channel (a data-dependent start). Returns the per-channel std before."""
+    y = y.reshape(-1, y.shape[-1]).float()
+    mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
+    scale = target_std / std
+    layer.weight.mul_(scale.to(layer.weight.dtype)[:, None])
+    layer.bias.copy_(((layer.bias.float() - mean) * scale).to(layer.bias.dtype))
+    return std
+
+
 def init_linear(layer: nn.Linear, gain: float = 1.0) -> nn.Linear:
     """Weights N(0, gain^2 / fan_in), zero bias, for Linears chained without residuals or norms.
 
