@@ -190,7 +190,7 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     visual, code_encoder = build_visual(cfg, viq_tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
-        model = MLLM(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN))
+        model = MLLM(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), pool=cfg.model.projector_pool)
     apply_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -30,6 +30,8 @@ class ModelConfig:
     use_head: bool = False  # continuous: run the quantization head too (the LLM sees quantized features)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; trainable weights stay fp32
+    # the projector's 2x2 pooling: the reference's softmax pool, or concat (keeps each patch's place)
+    projector_pool: Literal["softmax", "concat"] = "softmax"
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,9 @@ class StageConfig:
     noise_sigma: float = 0.01  # in [-1, 1] pixel units
     calibrate: bool = True  # fsq: start project_in from the data (zero-mean, unit-std FSQ inputs)
     calibration_images: int = 64
+    # start the LLM and projector from stage.init's (its llm/ model or adapter, its projector) instead of
+    # model.llm and a fresh projector: a chain whose LLM is trained from scratch must not restart it
+    llm_from_init: bool = False
 
     def __post_init__(self):
         if self.teacher_resolution <= 0 or self.teacher_resolution % 16:
@@ -187,6 +192,9 @@ class StageConfig:
         if self.kind == "stage1" and (self.recon_weight or self.feat_rec_weight):
             raise ConfigError("stage.kind=stage1 has no head, so no reconstruction: set stage.recon_weight=0 "
                               f"and stage.feat_rec_weight=0 (got {self.recon_weight}, {self.feat_rec_weight})")
+        if self.llm_from_init and (self.init is None or self.kind == "decoder"):
+            raise ConfigError(f"stage.llm_from_init needs an LLM stage with stage.init set (got kind={self.kind}, "
+                              f"init={self.init})")
         for name, kind in (("levels", "fsq"), ("bottleneck_dim", "proximal")):
             if getattr(self, name) is not None and self.kind != kind:
                 raise ConfigError(f"stage.{name} applies to stage.kind={kind}, not {self.kind}")
@@ -233,6 +241,9 @@ class RecipeConfig:
         if self.model.siglip2 and kind != "stage1":
             raise ConfigError(f"model.siglip2={self.model.siglip2!r} applies to stage1; later stages start "
                               "from stage.init")
+        if self.stage.llm_from_init and self.train.calibrate_projector:
+            raise ConfigError("train.calibrate_projector would overwrite the projector that stage.llm_from_init "
+                              "continues: set one of them to false")
 
     def part_lr(self, part: str) -> float:
         lr = getattr(self.lr, part)

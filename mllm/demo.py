@@ -43,9 +43,9 @@ DEFAULT_RECIPE = REPO / "recipes" / "demo" / "default.yaml"
 class DemoConfig:
     work_dir: str = "runs/demo"
     report_dir: str = "demo-report"
-    n_train: int = 2000
+    n_train: int = 8000
     n_val: int = 100
-    n_test: int = 200
+    n_test: int = 400
     seed: int = 0
     tokenizer_recipes: tuple[str, ...] = (
         "recipes/tokenizer/debug/stage1.yaml", "recipes/tokenizer/debug/stage2_1_proximal.yaml",

@@ -92,12 +92,12 @@ class VisualInput(nn.Module):
 
 class MLLM(nn.Module):
     def __init__(self, llm: PreTrainedModel, visual: VisualInput, image_token_id: int,
-                 projector: Projector | None = None):
+                 projector: Projector | None = None, pool: str = "softmax"):
         super().__init__()
         self.llm = llm
         self.visual = visual
         self.image_token_id = image_token_id
-        self.projector = projector or Projector(visual.width, llm.config.hidden_size)
+        self.projector = projector or Projector(visual.width, llm.config.hidden_size, pool)
 
     @property
     def config(self):

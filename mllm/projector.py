@@ -1,5 +1,5 @@
 """Vision-to-LLM projector: Linear -> learned 2x2 softmax pooling -> GELU -> Linear, with newline,
-begin and end embeddings (viq-reference.md §4.2).
+begin and end embeddings (viq-reference.md §4.2); the pooling can instead concatenate each window.
 
 Shapes: ``x_NC`` the N = h*w patch features of one image (raster order), C the visual width;
 ``H`` the LLM hidden size. One image yields ``num_image_tokens(h, w)`` LLM tokens:
@@ -38,11 +38,28 @@ class SoftmaxPool2x2(nn.Module):
         return (weights * win_W4H).sum(dim=1)
 
 
-class Projector(nn.Module):
-    def __init__(self, in_dim: int, hidden: int):
+class ConcatPool2x2(nn.Module):
+    """Each 2x2 window's four vectors side by side, then one Linear: keeps where in the window each patch
+    was, which the softmax pool (symmetric in the four positions) drops; as Qwen2-VL's patch merger."""
+
+    def __init__(self, hidden: int):
         super().__init__()
+        self.merge = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, win_W4H: torch.Tensor) -> torch.Tensor:
+        return self.merge(win_W4H.flatten(1))
+
+
+POOLS = {"softmax": SoftmaxPool2x2, "concat": ConcatPool2x2}
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, pool: str = "softmax"):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"projector pool {pool!r} is not one of {sorted(POOLS)}")
         self.proj1 = nn.Linear(in_dim, hidden)
-        self.pool = SoftmaxPool2x2(hidden)
+        self.pool = POOLS[pool](hidden)
         self.proj2 = nn.Linear(hidden, hidden)
         std = hidden**-0.5
         self.image_newline = nn.Parameter(torch.randn(hidden) * std)

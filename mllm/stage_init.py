@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mllm.checkpoint import VIQ_DIR
+from mllm.checkpoint import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
 from mllm.config import RecipeConfig, StageConfig
 from viq.config import PRESETS as VIQ_PRESETS
 from viq.config import TokenizerConfig, preset
@@ -125,6 +125,45 @@ def load_stage_tokenizer(cfg: RecipeConfig) -> tuple[ViQTokenizer, KeyMapReport,
              "ignored: %s", stage.kind, len(report.loaded), spec, report.reinitialised or "none",
              report.ignored or "none")
     return target, report, spec
+
+
+def init_language_side(cfg: RecipeConfig) -> tuple[str, Path | None, Path]:
+    """With ``stage.llm_from_init``: (LLM spec, adapter dir or None, visual weights file) of the init stage.
+
+    A stage that trained ``trainable.llm=full`` saved the whole LLM in ``llm/``: that directory is the
+    spec. A LoRA stage saved an adapter there: the spec is the adapter's base (``model.llm`` when that was
+    a preset) and the adapter is merged into it.
+    """
+    stage = cfg.stage
+    root = Path(stage.init)
+    if root.name == VIQ_DIR:
+        root = root.parent
+    llm_dir, visual = root / LLM_DIR, root / VISUAL_WEIGHTS
+    if (llm_dir / "config.json").is_file() and visual.is_file():
+        return str(llm_dir), None, visual
+    if (llm_dir / "adapter_config.json").is_file() and visual.is_file():
+        # peft records the base as a directory; a base built from a preset is recorded as null
+        base = json.loads((llm_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return base or cfg.model.llm, llm_dir, visual
+    raise ValueError(f"stage.llm_from_init needs stage.init to be a finished LLM stage's output directory "
+                     f"(with {LLM_DIR}/ holding a model or an adapter, and {VISUAL_WEIGHTS}); {stage.init!r} "
+                     "has neither")
+
+
+def merge_adapter(llm: nn.Module, adapter_dir: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(llm, str(adapter_dir)).merge_and_unload()
+
+
+def load_init_projector(model: nn.Module, visual_file: Path) -> int:
+    """Copy the init stage's projector into ``model.projector``; returns the number of tensors."""
+    from safetensors.torch import load_file
+
+    prefix = "projector."
+    state = {k[len(prefix):]: v for k, v in load_file(str(visual_file)).items() if k.startswith(prefix)}
+    model.projector.load_state_dict(state, strict=True)
+    return len(state)
 
 
 def dry_run_tokenizer(cfg: RecipeConfig) -> ViQTokenizer:

@@ -38,7 +38,16 @@ from mllm.config import RecipeConfig, StageConfig, load_recipe, resolve_attentio
 from mllm.data.readers import Sample
 from mllm.llm import IMAGE_TOKEN, load_llm
 from mllm.model import MLLM, VisualInput, VisualTrace
-from mllm.stage_init import build_teacher, dry_run_tokenizer, load_perceptual, load_stage_tokenizer, perceptual_term
+from mllm.stage_init import (
+    build_teacher,
+    dry_run_tokenizer,
+    init_language_side,
+    load_init_projector,
+    load_perceptual,
+    load_stage_tokenizer,
+    merge_adapter,
+    perceptual_term,
+)
 from mllm.stage_metrics import StageMetrics, code_stability
 from mllm.train import calibrate_projector, leading_items, prepare_trainer, resume_target
 from viq.convert.keymap import KeyMapReport
@@ -73,8 +82,8 @@ class TokenizerStageModel(MLLM):
     """
 
     def __init__(self, llm, visual: VisualInput, image_token_id: int, tokenizer: ViQTokenizer,
-                 stage: StageConfig, teacher=None, perceptual=None):
-        super().__init__(llm, visual, image_token_id)
+                 stage: StageConfig, teacher=None, perceptual=None, pool: str = "softmax"):
+        super().__init__(llm, visual, image_token_id, pool=pool)
         object.__setattr__(self, "tokenizer", tokenizer)
         self.stage = stage
         self.teacher = teacher if stage.distill_weight > 0 else None
@@ -200,14 +209,22 @@ def build_stage_model(cfg: RecipeConfig, *, cuda: bool | None = None, dry_run: b
     teacher = build_teacher(stage, tok.encoder, cfg.train.seed, dry_run) if stage.distill_weight > 0 else None
     perceptual = load_perceptual(stage.perceptual) if stage.perceptual and not dry_run else None
     llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
-    llm, text_tok = load_llm(cfg.model.llm, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    continues = stage.llm_from_init and not dry_run
+    llm_spec, adapter, init_visual = init_language_side(cfg) if continues else (cfg.model.llm, None, None)
+    llm, text_tok = load_llm(llm_spec, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    if adapter is not None:
+        llm = merge_adapter(llm, adapter)
     llm.config.use_cache = False
     visual = VisualInput(tok, "continuous", use_head=stage.kind != "stage1")
     visual.width, visual.patch_size = tok.encoder.cfg.width, tok.encoder.cfg.patch_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
         model = TokenizerStageModel(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), tok, stage,
-                                    teacher, perceptual)
+                                    teacher, perceptual, cfg.model.projector_pool)
+    if init_visual is not None:
+        n = load_init_projector(model, init_visual)
+        log.info("stage %s continues the LLM (%s%s) and the projector (%d tensors) of %s", stage.kind, llm_spec,
+                 f" + adapter {adapter}" if adapter else "", n, stage.init)
     _set_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -1,10 +1,10 @@
 """The bundled demo data set: synthetic scenes with one definite question each, drawn with Pillow.
 
 Every sample is one image at its own resolution and aspect ratio (sides about 96-384 px, aspect 1:3
-to 3:1) with either a caption or one question whose answer is one of at least four options, so a
-model that ignores the image scores at most 25%. Question types: colour, shape, count, position,
-word, caption. Within each question type the answers cycle through the options, so they are
-balanced to within one sample.
+to 3:1; scenes with a word are landscape, at least 3:2) with either a caption or one question whose
+answer is one of at least four options, so a model that ignores the image scores at most 25%.
+Question types: colour, shape, count, position, word, caption. Within each question type the answers
+cycle through the options, so they are balanced to within one sample.
 
 The output is a pure function of (seed, sizes): the same arguments give byte-identical JSON and
 PNG files (Python's `random.Random` seeded with a string is stable across runs and platforms, and
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 COLOURS = {
     "red": (220, 30, 30),
@@ -50,6 +50,9 @@ QUESTIONS = {
 OPTIONS = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "word": WORDS}
 NUMBER_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four"}
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 96, 384, 3.0
+# word scenes are landscape (w/h >= 1.5), so a three-letter word in a font 40 % of the short side fits
+# and stays several 16-px patches tall at the demo's 128^2 area (a 1:3 portrait shrank it to ~1.5)
+WORD_MIN_ASPECT = 1.5
 
 
 def demo_corpus() -> list[str]:
@@ -119,9 +122,9 @@ def draw_word(img: Image.Image, word: str, rng: random.Random) -> None:
     draw.text((round(x), round(y)), word, fill=TEXT_COLOUR, font=font)
 
 
-def random_size(rng: random.Random) -> tuple[int, int]:
-    """(width, height) with sides in [MIN_SIDE, MAX_SIDE] and log-uniform aspect in [1/3, 3]."""
-    aspect = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
+def random_size(rng: random.Random, min_aspect: float = 1 / MAX_ASPECT) -> tuple[int, int]:
+    """(width, height) with sides in [MIN_SIDE, MAX_SIDE] and log-uniform aspect (w/h) in [min_aspect, 3]."""
+    aspect = math.exp(rng.uniform(math.log(min_aspect), math.log(MAX_ASPECT)))
     a = max(aspect, 1 / aspect)
     long_side = rng.uniform(max(MIN_SIDE * a, 128), MAX_SIDE)
     short = max(MIN_SIDE, round(long_side / a))
@@ -165,14 +168,16 @@ def _many_shapes(img: Image.Image, n: int, shape: str, colour: str, rng: random.
 
 def _scene(qtype: str, answer: str, rng: random.Random) -> tuple[Image.Image, str, str]:
     """Draw a scene for `qtype` whose true answer is `answer`; returns (image, question, answer)."""
-    img = Image.new("RGB", random_size(rng), BACKGROUND)
+    img = Image.new("RGB", random_size(rng, WORD_MIN_ASPECT if qtype == "word" else 1 / MAX_ASPECT), BACKGROUND)
     shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
     if qtype == "colour":
         colour = answer
         _single_shape(img, shape, colour, rng.choice((None, *POSITIONS)), rng)
     elif qtype == "shape":
         shape = answer
-        _single_shape(img, shape, colour, rng.choice((None, *POSITIONS)), rng)
+        # the large central variant: a corner shape (radius 15 % of the short side) spans about two
+        # patches at the demo's 128^2 area, too few to tell a star from a circle
+        _single_shape(img, shape, colour, None, rng)
     elif qtype == "count":
         _many_shapes(img, int(answer), shape, colour, rng)
     elif qtype == "position":
@@ -185,9 +190,9 @@ def _scene(qtype: str, answer: str, rng: random.Random) -> tuple[Image.Image, st
 
 
 def _caption_scene(k: int, rng: random.Random) -> tuple[Image.Image, str, str]:
-    img = Image.new("RGB", random_size(rng), BACKGROUND)
-    shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
     kind = k % 3
+    img = Image.new("RGB", random_size(rng, WORD_MIN_ASPECT if kind == 2 else 1 / MAX_ASPECT), BACKGROUND)
+    shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
     if kind == 0:
         position = rng.choice(POSITIONS)
         _single_shape(img, shape, colour, position, rng)

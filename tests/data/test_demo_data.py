@@ -98,6 +98,14 @@ def test_scene_content_matches_answer(demo):
             fy, fx = ys.mean() / px.shape[0], xs.mean() / px.shape[1]
             expected = {"left": fx < 0.35, "right": fx > 0.65, "top": fy < 0.35, "bottom": fy > 0.65}
             assert expected[answer], (r["id"], answer, fx, fy)
+        if qtype == "shape":  # the large central variant: at least a fifth of the short side across
+            ys, xs = np.nonzero((px != BACKGROUND).any(-1))
+            assert 0.3 < ys.mean() / px.shape[0] < 0.7 and 0.3 < xs.mean() / px.shape[1] < 0.7, r["id"]
+            assert min(np.ptp(ys), np.ptp(xs)) > 0.2 * min(px.shape[:2]), r["id"]
+        if qtype == "word":  # landscape, so the word stays several patches tall
+            assert px.shape[1] >= 1.49 * px.shape[0], (r["id"], px.shape)
+            ys, _ = np.nonzero((px != BACKGROUND).any(-1))
+            assert np.ptp(ys) > 0.25 * px.shape[0], r["id"]
 
 
 def test_bad_sizes(tmp_path):

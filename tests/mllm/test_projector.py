@@ -68,3 +68,19 @@ def test_calibration_standardises_proj1_on_the_features():
     torch.testing.assert_close(y.std(0), torch.ones(32), atol=1e-4, rtol=0)
     # an affine map of proj1's old output: the same function up to per-channel scale and shift
     torch.testing.assert_close(y, (y0 - y0.mean(0)) / y0.std(0), atol=1e-4, rtol=0)
+
+
+def test_concat_pool_keeps_where_each_patch_was():
+    torch.manual_seed(0)
+    soft, concat = Projector(8, 16), Projector(8, 16, pool="concat")
+    grid = (2, 2)
+    x = torch.randn(4, 8)
+    swapped = x[[1, 0, 3, 2]]  # the same window, left and right columns exchanged
+    torch.testing.assert_close(soft([x], [grid])[0], soft([swapped], [grid])[0])  # symmetric in the 4 places
+    assert not torch.allclose(concat([x], [grid])[0][1], concat([swapped], [grid])[0][1])
+    feats = [torch.randn(h * w, 8) for h, w in [(2, 4), (4, 2)]]
+    for o, f, g in zip(concat(feats, [(2, 4), (4, 2)]), feats, [(2, 4), (4, 2)], strict=True):
+        torch.testing.assert_close(o, _naive(concat, f, g), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="'max'"):
+        Projector(8, 16, pool="max")
+

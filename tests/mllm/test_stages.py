@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from mllm_helpers import RECIPES, debug_overrides, read_log
+from safetensors.torch import load_file
 
-from mllm.checkpoint import VIQ_DIR
+from mllm.checkpoint import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
 from mllm.cli import main
 from mllm.config import load_recipe
 from mllm.data.packing import collate_packed
@@ -167,6 +168,51 @@ def test_run_chain_with_a_perceptual_term(chain, demo_data, tmp_path):
         assert any(rec.get("perceptual_loss", 0) > 0 for rec in read_log(root / name)), name
 
 
+def test_llm_from_init_continues_a_full_llm_and_the_projector(demo_data, tmp_path):
+    """A stage that trained the whole LLM (one started from random weights) hands it on, not a new one."""
+    s1 = tmp_path / "s1"
+    assert main(["train", str(TOK / "debug" / "stage1.yaml"),
+                 *debug_overrides(demo_data, s1, "train.max_steps=2", "trainable.llm=full")]) == 0
+    extra = (f"stage.init={s1}", "trainable.llm=full")
+    model = build_stage_model(stage_cfg("stage2_1_proximal", demo_data, tmp_path / "s21", *extra,
+                                        "stage.llm_from_init=true"), cuda=False).model
+    llm, saved = model.llm.state_dict(), load_file(str(s1 / LLM_DIR / "model.safetensors"))
+    assert saved and all(torch.equal(llm[k], v) for k, v in saved.items())
+    projector = model.projector.state_dict()
+    stage1 = {k.removeprefix("projector."): v for k, v in load_file(str(s1 / VISUAL_WEIGHTS)).items()
+              if k.startswith("projector.")}
+    assert stage1.keys() == projector.keys() and all(torch.equal(projector[k], v) for k, v in stage1.items())
+    fresh = build_stage_model(stage_cfg("stage2_1_proximal", demo_data, tmp_path / "s21", *extra),
+                              cuda=False).model
+    assert not torch.equal(fresh.projector.proj1.weight, model.projector.proj1.weight)
+    assert not torch.equal(fresh.llm.lm_head.weight, model.llm.lm_head.weight)
+
+
+def test_llm_from_init_merges_a_lora_stage(demo_data, tmp_path):
+    s1 = tmp_path / "s1"
+    recipe = str(TOK / "debug" / "stage1.yaml")
+    assert main(["train", recipe, *debug_overrides(demo_data, s1, "train.max_steps=2")]) == 0
+    adapter = load_file(str(s1 / LLM_DIR / "adapter_model.safetensors"))
+    extra = (f"stage.init={s1}", "trainable.llm=frozen")  # no new adapter on top, to read the merged weights
+    cfg = stage_cfg("stage2_1_proximal", demo_data, tmp_path / "s21", *extra, "stage.llm_from_init=true")
+    merged = build_stage_model(cfg, cuda=False).model.llm.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    base = build_stage_model(stage_cfg("stage2_1_proximal", demo_data, tmp_path / "s21", *extra),
+                             cuda=False).model.llm
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    lora = load_recipe(TOK / "debug" / "stage1.yaml").lora
+    delta = adapter[name.format("B")] @ adapter[name.format("A")] * (lora.alpha / lora.r)
+    assert delta.abs().max() > 0  # two steps moved B off its zero start
+    torch.testing.assert_close(merged - base.state_dict()["model.layers.0.self_attn.q_proj.weight"], delta)
+
+
+def test_llm_from_init_needs_an_llm_stage(chain, demo_data, tmp_path):
+    cfg = stage_cfg("stage2_2_fsq", demo_data, tmp_path, f"stage.init={chain / 'decoder'}", "stage.llm_from_init=true")
+    with pytest.raises(ValueError, match="llm_from_init needs stage.init to be a finished LLM stage"):
+        build_stage_model(cfg, cuda=False)
+    with pytest.raises(ConfigError, match="calibrate_projector"):
+        stage_cfg("stage2_2_fsq", demo_data, tmp_path, "train.calibrate_projector=true", "stage.llm_from_init=true")
+
+
 @pytest.mark.parametrize("size", ["so400m", "g"])
 @pytest.mark.parametrize("name", ["stage1", "stage2_2_fsq"])
 def test_real_scale_dry_run(size, name):
@@ -183,6 +229,7 @@ def test_real_scale_dry_run(size, name):
     ("model.use_head=true", "model.use_head"),
     ("stage.levels=[8,5,5]", "stage.levels"),
     ("stage.area_range=[100,10]", "stage.area_range"),
+    ("stage.llm_from_init=true", "stage.llm_from_init"),  # stage 1 has no init stage to continue
 ])
 def test_bad_stage_settings_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
