@@ -139,11 +139,12 @@ def init_language_side(cfg: RecipeConfig) -> tuple[str, Path | None, Path]:
     if root.name == VIQ_DIR:
         root = root.parent
     llm_dir, visual = root / LLM_DIR, root / VISUAL_WEIGHTS
-    if (llm_dir / "config.json").is_file() and visual.is_file():
+    adapter_config = llm_dir / "adapter_config.json"
+    if visual.is_file() and (llm_dir / "config.json").is_file():
         return str(llm_dir), None, visual
-    if (llm_dir / "adapter_config.json").is_file() and visual.is_file():
+    if visual.is_file() and adapter_config.is_file():
         # peft records the base as a directory; a base built from a preset is recorded as null
-        base = json.loads((llm_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         return base or cfg.model.llm, llm_dir, visual
     raise ValueError(f"stage.llm_from_init needs stage.init to be a finished LLM stage's output directory "
                      f"(with {LLM_DIR}/ holding a model or an adapter, and {VISUAL_WEIGHTS}); {stage.init!r} "

@@ -132,6 +132,11 @@ def random_size(rng: random.Random, min_aspect: float = 1 / MAX_ASPECT) -> tuple
     return (long_side, short) if aspect >= 1 else (short, long_side)
 
 
+def _canvas(rng: random.Random, word: bool) -> Image.Image:
+    """A blank scene of a random size; landscape when it will hold a word."""
+    return Image.new("RGB", random_size(rng, WORD_MIN_ASPECT if word else 1 / MAX_ASPECT), BACKGROUND)
+
+
 def _position_centre(position: str, w: int, h: int) -> tuple[float, float]:
     fx, fy = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8)}[position]
     return fx * w, fy * h
@@ -168,7 +173,7 @@ def _many_shapes(img: Image.Image, n: int, shape: str, colour: str, rng: random.
 
 def _scene(qtype: str, answer: str, rng: random.Random) -> tuple[Image.Image, str, str]:
     """Draw a scene for `qtype` whose true answer is `answer`; returns (image, question, answer)."""
-    img = Image.new("RGB", random_size(rng, WORD_MIN_ASPECT if qtype == "word" else 1 / MAX_ASPECT), BACKGROUND)
+    img = _canvas(rng, word=qtype == "word")
     shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
     if qtype == "colour":
         colour = answer
@@ -191,7 +196,7 @@ def _scene(qtype: str, answer: str, rng: random.Random) -> tuple[Image.Image, st
 
 def _caption_scene(k: int, rng: random.Random) -> tuple[Image.Image, str, str]:
     kind = k % 3
-    img = Image.new("RGB", random_size(rng, WORD_MIN_ASPECT if kind == 2 else 1 / MAX_ASPECT), BACKGROUND)
+    img = _canvas(rng, word=kind == 2)
     shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
     if kind == 0:
         position = rng.choice(POSITIONS)
