@@ -34,14 +34,14 @@ and visual weights) and mllm_config.yaml."""
 # subcommands that own their argument parsing: name -> (help, "module:function(argv) -> exit code")
 DELEGATED = {
     "extract": ("Extract ViQ codes offline from a data set (multi-rank, resumable, sharded).",
-                "mllm.extract:main"),
+                "mllm.tools.extract:main"),
     "bench": ("Measure training step time: continuous tower vs ViQ codes vs text only, packed vs padded.",
-              "mllm.bench:main"),
+              "mllm.tools.bench:main"),
     "eval": ("Generate answers and score accuracy; reconstruction metrics for a tokenizer.",
-             "mllm.evaluate:eval_main"),
-    "generate": ("Answer a question about an image with a trained MLLM.", "mllm.inference:generate_main"),
+             "mllm.tools.evaluate:eval_main"),
+    "generate": ("Answer a question about an image with a trained MLLM.", "mllm.tools.inference:generate_main"),
     "demo": ("Run the end-to-end demo on the bundled synthetic data set and write a report.",
-             "mllm.demo:main"),
+             "mllm.demo.run:main"),
     "convert-reference": ("Convert the authors' released ViQ weights into a ViQ tokenizer directory.",
                           "viq.convert.reference:convert_reference_main"),
 }
@@ -91,11 +91,15 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mllm.config import load_recipe
-    from mllm.train import run_training
+    from mllm.train.trainer import run_training
 
     cfg = load_recipe(args.recipe, args.overrides)
+    if cfg.data.demo:
+        from mllm.demo.data import prepare_recipe_data
+
+        prepare_recipe_data(cfg.data.train, cfg.data.demo_samples)
     if cfg.stage is not None:
-        from mllm.stages import run_stage
+        from mllm.stages.run import run_stage
 
         run_stage(cfg)
     else:
@@ -104,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mllm.checkpoint import export_checkpoint
+    from mllm.train.checkpoint import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
     print(out)

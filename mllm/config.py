@@ -23,7 +23,7 @@ PARTS: tuple[str, ...] = ("tower", "head", "embedder", "projector", "llm", "deco
 
 @dataclass(frozen=True)
 class ModelConfig:
-    llm: str  # preset name (mllm.llm.LLM_PRESETS), local HF directory, or hub id
+    llm: str  # preset name (mllm.model.llm.LLM_PRESETS), local HF directory, or hub id
     tokenizer: str  # ViQ tokenizer preset name (viq.config.PRESETS) or a ViQ tokenizer directory
     visual: Literal["continuous", "discrete"] = "discrete"
     siglip2: str | None = None  # SigLIP2 HF directory that replaces the tower of a continuous run
@@ -61,7 +61,7 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     dora: bool = False
-    targets: tuple[str, ...] | None = None  # null: mllm.llm.LORA_TARGETS of the LLM family
+    targets: tuple[str, ...] | None = None  # null: mllm.model.llm.LORA_TARGETS of the LLM family
 
     def __post_init__(self):
         if self.r <= 0 or self.alpha <= 0:
@@ -250,8 +250,27 @@ class RecipeConfig:
         return self.train.learning_rate if lr is None else lr
 
 
+# the recipes ship inside the wheel as mllm/recipes; in a source checkout they are the top-level recipes/
+PACKAGED_RECIPES = next((d for d in (Path(__file__).parent / "recipes", Path(__file__).parents[1] / "recipes")
+                         if d.is_dir()), None)
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A recipe file: a path (relative to the current directory), else a packaged recipe named by its path
+    under recipes/, with or without the ``recipes/`` prefix and the ``.yaml`` suffix (``debug/sft_full``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.as_posix().removeprefix("recipes/")
+    if PACKAGED_RECIPES is not None and not path.is_absolute():
+        for candidate in (PACKAGED_RECIPES / name, PACKAGED_RECIPES / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"recipe {str(spec)!r} is neither a file nor a packaged recipe (under {PACKAGED_RECIPES})")
+
+
 def load_recipe(path: str | Path | None, overrides=()) -> RecipeConfig:
-    return load_config(RecipeConfig, path, overrides)
+    return load_config(RecipeConfig, resolve_recipe(path) if path is not None else None, overrides)
 
 
 def save_recipe(cfg: RecipeConfig, path: str | Path) -> None:

@@ -158,7 +158,9 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; a top-level ``base: OTHER.yaml`` (relative to this file's folder) is loaded first and
+    this file's keys are merged over it, section by section (a list or a scalar replaces the base's)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -166,7 +168,26 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({' -> '.join(map(str, (*_chain, base_path)))})")
+    return merge_dicts(load_yaml(base_path, (*_chain, path.resolve())), data)
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: mappings merge key by key, anything else replaces."""
+    out = _deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = _deepcopy(value)
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Iterable[str] = ()) -> T:

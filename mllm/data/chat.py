@@ -16,7 +16,7 @@ not: generation stops at the end-of-turn token, so the model never has to produc
 and everything after it up to the next answer is fixed template text. Role headers, system and user
 turns and image placeholders are -100.
 
-A tokenizer without a chat template is rendered with ChatML (`mllm.tokenizer.CHATML_TEMPLATE`, the
+A tokenizer without a chat template is rendered with ChatML (`CHATML_TEMPLATE` below, the
 Qwen layout with its default system prompt), the format most instruction-tuned bases expect.
 """
 
@@ -24,8 +24,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mllm.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN
+from mllm.data.layout import IMAGE_TOKEN
 
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen-style ChatML. The default system turn is emitted even for an empty message list so that
+# rendering is prefix-stable (render_conversation relies on that) whatever turn comes first.
+CHATML_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
 IGNORE_INDEX = -100
 ROLE_ALIASES = {
     "user": "user",

@@ -2,7 +2,7 @@
 CodesDataset, which feeds the MLLM's discrete input path from stored codes instead of pixels.
 
 Image keys, the tokenizer identity and the per-image preprocessing rule live here because both the
-writer (mllm.extract) and the readers must agree on them byte for byte.
+writer (mllm.tools.extract) and the readers must agree on them byte for byte.
 
 Image key: the image path relative to ``image_root`` (posix), or the absolute path for an image
 outside it. A reference that overrides the preprocessing (ViQ's ``"resize": "<base>x<multiple>"``)
@@ -34,9 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mllm.data.dataset import SampleError, SupervisedDataset
+from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef, Sample, read_samples
-from mllm.projector import num_image_tokens
-from mllm.tokenizer import IMAGE_TOKEN
 from viq.config import PreprocessConfig
 from viq.configio import to_dict
 from viq.image import PATCH_SIZE

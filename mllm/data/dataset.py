@@ -35,9 +35,8 @@ import torch
 from PIL import Image
 
 from mllm.data.chat import IGNORE_INDEX, ConversationError, render_conversation
+from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef, Sample
-from mllm.projector import num_image_tokens
-from mllm.tokenizer import IMAGE_TOKEN
 from viq.image import MODES, PATCH_SIZE, load_image, patch_grid, preprocess, resize_area
 
 logger = logging.getLogger(__name__)

@@ -254,3 +254,26 @@ def read_samples(path, image_root=None, *, skipped: Counter | None = None) -> It
     if suffix == ".tar":
         return read_webdataset(path, root or path.with_name(path.stem + "_images"), skipped)
     raise ValueError(f"unsupported data file {path}: expected .json, .jsonl, .parquet, .tar or a directory")
+
+
+def dataset_images(data_path: str | Path, image_root: str | Path | None = None,
+                   limit: int | None = None) -> list[Path]:
+    """The unique image files a data set references, in first-use order."""
+    seen: dict[Path, None] = {}
+    for sample in read_samples(data_path, image_root):
+        for ref in sample.images:
+            seen.setdefault(Path(ref.path), None)
+        if limit is not None and len(seen) >= limit:
+            break
+    paths = list(seen)[:limit]
+    if not paths:
+        raise ValueError(f"{data_path} references no images")
+    return paths
+
+
+def require_data_file(path: str | Path, key: str = "data.train") -> Path:
+    """The annotation file or directory a recipe names; a clear error when it is absent."""
+    if not Path(path).exists():
+        raise ValueError(f"{key} {str(path)!r} does not exist (a recipe with data.demo: true has `viq train` "
+                         "generate the demo set there)")
+    return Path(path)

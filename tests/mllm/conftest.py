@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm.data.demo import generate_demo
+from mllm.demo.data import generate_demo
 
 
 @pytest.fixture(scope="session", autouse=True)

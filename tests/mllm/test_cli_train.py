@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mllm_helpers import RECIPES, REPO, debug_overrides, read_log, step_losses
 
-from mllm.checkpoint import LLM_DIR, MLLM_CONFIG, VISUAL_WEIGHTS
 from mllm.cli import DELEGATED, _strip_local_rank, main
+from mllm.train.checkpoint import LLM_DIR, MLLM_CONFIG, VISUAL_WEIGHTS
 
 
 def test_debug_recipe_trains_and_loss_falls(demo_data, tmp_path):

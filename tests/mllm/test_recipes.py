@@ -11,10 +11,10 @@ import torch
 from mllm_helpers import RECIPES, REPO
 
 from mllm.config import RecipeConfig, load_recipe, resolve_attention, resolve_dtype, save_recipe
-from mllm.llm import LLM_PRESETS, LORA_TARGETS, preset_config
+from mllm.model.llm import LLM_PRESETS, LORA_TARGETS, preset_config
 from viq.configio import ConfigError
 
-# recipes/bench/ holds `viq bench` configs, a different schema that mllm.bench's tests load
+# recipes/bench/ holds `viq bench` configs, a different schema that mllm.tools.bench's tests load
 OTHER_SCHEMAS = ("bench", "demo")  # parsed by their own tests (test_bench, test_demo)
 YAMLS = sorted(p for p in RECIPES.rglob("*.yaml") if p.relative_to(RECIPES).parts[0] not in OTHER_SCHEMAS)
 FAMILIES = ("qwen2.5", "qwen3", "llama3", "smollm2")

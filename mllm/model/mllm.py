@@ -1,0 +1,140 @@
+"""LLaVA-style MLLM: visual features (continuous tower or ViQ codes) -> projector -> HF causal LM.
+
+Shape legend: ``T`` tokens of a (packed) row, ``H`` LLM hidden size, ``C`` visual width,
+``N`` packed patches of all images of a batch.
+Visual embeddings replace the ``<image>`` placeholder positions of ``input_ids`` in order: image i's
+``num_image_tokens(h_i, w_i)`` embeddings go to the i-th run of placeholders. The data pipeline expands
+each ``<image>`` into that many placeholders, so lengths are known before packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from mllm.data.layout import num_image_tokens
+from mllm.model.projector import Projector
+from viq.encoder import cu_from_grids, patchify
+from viq.head import HeadOutput
+from viq.tokenizer import ViQTokenizer
+
+VisualMode = Literal["continuous", "discrete"]
+
+
+@dataclass
+class VisualTrace:
+    """The intermediates of the last continuous forward, kept when ``VisualInput.keep_trace`` is set:
+    the tokenizer stages (mllm.stages) reuse them for distillation and reconstruction instead of
+    running the tower a second time."""
+
+    trunk: torch.Tensor  # [N, C] encoder output before its final norm
+    head: HeadOutput | None  # with use_head
+    grids: list[tuple[int, int]]
+    cu: torch.Tensor
+    max_len: int
+
+
+class VisualInput(nn.Module):
+    """Pixels or codes -> per-image features ``[h*w, C]``.
+
+    ``continuous``: the ViQ encoder runs on pixels inside the step (with ``use_head``, the quantization
+    head too, so the LLM sees quantized features); without the head, the features are the encoder's
+    final-norm output (SigLIP2's last_hidden_state). ``discrete``: codes -> the token-local code
+    embedder; no pixels, no encoder.
+    """
+
+    def __init__(self, tokenizer: ViQTokenizer, mode: VisualMode, use_head: bool = False):
+        super().__init__()
+        if mode not in ("continuous", "discrete"):
+            raise ValueError(f"visual mode must be 'continuous' or 'discrete', got {mode!r}")
+        self.mode = mode
+        self.use_head = use_head
+        self.width = tokenizer.cfg.encoder.width
+        self.patch_size = tokenizer.cfg.encoder.patch_size
+        self.codes_per_patch = tokenizer.cfg.head.expand
+        self.keep_trace = False
+        self.trace: VisualTrace | None = None
+        if mode == "continuous":
+            self.encoder = tokenizer.encoder
+            self.head = tokenizer.head if use_head else None
+        else:
+            self.embedder = tokenizer.head.embedder
+
+    def forward(self, pixel_values=None, codes=None, image_grids=None) -> list[torch.Tensor]:
+        if self.mode == "discrete":
+            return self._from_codes(codes, image_grids)
+        if pixel_values is None:
+            raise ValueError("the continuous visual input needs pixel_values")
+        patches, grids = patchify(list(pixel_values), self.patch_size)
+        dev = self.encoder.pos_embed.device
+        cu, max_len = cu_from_grids(grids, dev)
+        trunk = self.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
+        head = self.head(trunk, grids, cu, max_len) if self.use_head else None
+        feats = head.features if head is not None else self.encoder.norm(trunk)
+        if self.keep_trace:
+            self.trace = VisualTrace(trunk, head, grids, cu, max_len)
+        return list(feats.split([h * w for h, w in grids]))
+
+    def _from_codes(self, codes, image_grids) -> list[torch.Tensor]:
+        if codes is None or image_grids is None:
+            raise ValueError("the discrete visual input needs codes and image_grids")
+        grids = [tuple(int(v) for v in g) for g in image_grids]
+        sizes = [h * w * self.codes_per_patch for h, w in grids]
+        flat = torch.cat(list(codes)) if isinstance(codes, (list, tuple)) else codes.reshape(-1)
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"{flat.numel()} codes do not match the grids {grids} ({sum(sizes)} expected)")
+        feats = self.embedder(flat.to(self.embedder.project_out.weight.device).reshape(-1, self.codes_per_patch))
+        return list(feats.split([h * w for h, w in grids]))
+
+
+class MLLM(nn.Module):
+    def __init__(self, llm: PreTrainedModel, visual: VisualInput, image_token_id: int,
+                 projector: Projector | None = None, pool: str = "softmax"):
+        super().__init__()
+        self.llm = llm
+        self.visual = visual
+        self.image_token_id = image_token_id
+        self.projector = projector or Projector(visual.width, llm.config.hidden_size, pool)
+
+    @property
+    def config(self):
+        return self.llm.config
+
+    def image_embeddings(self, pixel_values=None, codes=None, image_grids=None) -> torch.Tensor:
+        grids = [tuple(int(v) for v in g) for g in image_grids]
+        feats = self.visual(pixel_values=pixel_values, codes=codes, image_grids=grids)
+        return torch.cat(self.projector(feats, grids))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, codes=None, image_grids=None):
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        n_images = 0 if image_grids is None else len(image_grids)
+        if n_images == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} <image> positions but no images in the batch")
+            return embeds + self._zero_visual_term().to(embeds.dtype)
+        expected = sum(num_image_tokens(int(h), int(w)) for h, w in image_grids)
+        if n_slots != expected:
+            raise ValueError(f"{n_slots} <image> positions for {n_images} images needing {expected} tokens")
+        vis = self.image_embeddings(pixel_values, codes, image_grids).to(embeds.dtype)
+        return embeds.masked_scatter(slots.unsqueeze(-1), vis)
+
+    def _zero_visual_term(self) -> torch.Tensor:
+        """0 * (sum of the trainable visual parameters): a text-only batch still gives them a (zero)
+        gradient, so DDP and ZeRO see the same parameters used on every rank."""
+        params = [p for m in (self.projector, self.visual) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.llm.device)
+        return sum(p.sum() for p in params) * 0.0
+
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
+                codes=None, image_grids=None, **kwargs):
+        embeds = self.embed_inputs(input_ids, pixel_values, codes, image_grids)
+        kwargs.pop("cu_seq_lens", None)  # transformers derives packed boundaries from position_ids
+        return self.llm(inputs_embeds=embeds, labels=labels, position_ids=position_ids,
+                        attention_mask=attention_mask, use_cache=False, **kwargs)

@@ -1,0 +1,254 @@
+"""Where a ViQ tokenizer stage starts: the init tokenizer with its head changed for the stage through an
+explicit key map, the frozen distillation teacher, and the optional perceptual loss.
+
+Chaining rule (viq-reference.md §3.6, where the reference needs keys filtered by hand): the stage's
+tokenizer is built fresh from the init tokenizer's config with the stage's head (stage1: unchanged,
+proximal: an L-inf/l2/tanh/none bottleneck, fsq: FSQ levels), then every init tensor is copied through
+an identity key map with ``allow_reshape``: a tensor whose shape still fits is loaded, one whose shape
+changed (project_in, embedder.project_out, the codebook) keeps its fresh initialisation and is listed.
+The only source tensor ever dropped is the FSQ implicit codebook when the new head has no FSQ: it is a
+function of the levels, not a learned weight; it is listed as ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mllm.config import RecipeConfig, StageConfig
+from mllm.train.checkpoint import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
+from viq.config import PRESETS as VIQ_PRESETS
+from viq.config import TokenizerConfig, preset
+from viq.convert.keymap import KeyMapReport, apply_key_map
+from viq.encoder import Encoder, cu_from_grids, patchify
+from viq.tokenizer import FORMAT, ViQTokenizer
+
+log = logging.getLogger(__name__)
+
+IDENTITY = [(r"(.+)", r"\1")]
+# derived from head.levels (viq.decoder.CodeEmbedder); a head without FSQ has no such buffer
+CODEBOOK_KEY = r"head\.embedder\.codebook"
+
+
+def is_viq_dir(path: Path) -> bool:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return False
+    try:
+        return json.loads(cfg_file.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def resolve_tokenizer_dir(spec: str, what: str) -> Path:
+    """A ViQ tokenizer directory, or a stage output directory holding ``viq_tokenizer/``."""
+    path = Path(spec)
+    for candidate in (path, path / VIQ_DIR):
+        if is_viq_dir(candidate):
+            return candidate
+    raise ValueError(f"{what} {spec!r} is neither a ViQ preset ({', '.join(sorted(VIQ_PRESETS))}), a ViQ "
+                     f"tokenizer directory (config.json of format {FORMAT!r}), nor a stage output directory "
+                     f"holding {VIQ_DIR}/ (did the previous stage finish?)")
+
+
+def load_tokenizer(spec: str, what: str, seed: int) -> ViQTokenizer:
+    if spec in VIQ_PRESETS:
+        return ViQTokenizer.from_preset(spec, seed=seed)
+    return ViQTokenizer.from_pretrained(resolve_tokenizer_dir(spec, what))
+
+
+def stage_tokenizer_config(source: TokenizerConfig, stage: StageConfig) -> TokenizerConfig:
+    """The init tokenizer's config with the head this stage trains."""
+    head = source.head
+    if stage.kind == "proximal":
+        head = dataclasses.replace(head, quantizer=stage.quantizer or "linf",
+                                   bottleneck_dim=stage.bottleneck_dim or head.bottleneck_dim)
+    elif stage.kind == "fsq":
+        head = dataclasses.replace(head, quantizer="fsq", levels=tuple(stage.levels or head.levels))
+    return dataclasses.replace(source, head=head)
+
+
+def check_decoder_source(tok: ViQTokenizer, spec: str) -> None:
+    """The decoder stage trains codes -> pixels: its init needs an FSQ head and an RGB pixel decoder."""
+    missing = []
+    if tok.head.fsq is None:
+        missing.append(f"an FSQ quantizer (its head has quantizer={tok.cfg.head.quantizer!r})")
+    if tok.decoder is None:
+        missing.append("a pixel decoder (its config has decoder: null)")
+    elif tok.cfg.decoder.out_channels != 3:
+        missing.append(f"an RGB pixel decoder (its decoder predicts {tok.cfg.decoder.out_channels}-channel latents)")
+    if missing:
+        raise ValueError(f"stage.kind=decoder trains the pixel decoder from codes, but {spec!r} lacks "
+                         + " and ".join(missing) + ": point stage.init at an fsq (stage 2-2) output")
+
+
+def _with_siglip2(tok: ViQTokenizer, siglip2_dir: str) -> ViQTokenizer:
+    from viq.convert import load_siglip2
+
+    enc = load_siglip2(siglip2_dir)
+    if enc.cfg.width != tok.cfg.head.width:
+        raise ValueError(f"SigLIP2 width {enc.cfg.width} from model.siglip2={siglip2_dir!r} does not match the "
+                         f"ViQ head width {tok.cfg.head.width} of model.tokenizer (pick the preset of that size)")
+    tok.encoder = enc
+    tok.cfg = dataclasses.replace(tok.cfg, encoder=enc.cfg)  # the saved config must describe this tower
+    return tok
+
+
+def load_stage_tokenizer(cfg: RecipeConfig) -> tuple[ViQTokenizer, KeyMapReport, str]:
+    """The stage's tokenizer with weights, the key-map report, and what it started from."""
+    stage, seed = cfg.stage, cfg.train.seed
+    spec = stage.init or cfg.model.tokenizer
+    if stage.init and stage.init != cfg.model.tokenizer:
+        log.info("stage.init %s replaces model.tokenizer %s", stage.init, cfg.model.tokenizer)
+    source = load_tokenizer(spec, "stage.init" if stage.init else "model.tokenizer", seed)
+    if stage.kind == "decoder":
+        check_decoder_source(source, spec)
+        return source, KeyMapReport(loaded=sorted(source.state_dict())), spec
+    if stage.kind == "stage1" and cfg.model.siglip2:
+        source = _with_siglip2(source, cfg.model.siglip2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the re-initialised tensors are part of the recipe
+        target = ViQTokenizer(stage_tokenizer_config(source.cfg, stage))
+    ignore = () if target.head.fsq is not None else (CODEBOOK_KEY,)
+    report = apply_key_map(target, source.state_dict(), IDENTITY, what=f"stage.init {spec}", ignore=ignore,
+                           allow_reshape=True)
+    log.info("stage %s: loaded %d tensors from %s; re-initialised (shape changed or absent there): %s; "
+             "ignored: %s", stage.kind, len(report.loaded), spec, report.reinitialised or "none",
+             report.ignored or "none")
+    return target, report, spec
+
+
+def init_language_side(cfg: RecipeConfig) -> tuple[str, Path | None, Path]:
+    """With ``stage.llm_from_init``: (LLM spec, adapter dir or None, visual weights file) of the init stage.
+
+    A stage that trained ``trainable.llm=full`` saved the whole LLM in ``llm/``: that directory is the
+    spec. A LoRA stage saved an adapter there: the spec is the adapter's base (``model.llm`` when that was
+    a preset) and the adapter is merged into it.
+    """
+    stage = cfg.stage
+    root = Path(stage.init)
+    if root.name == VIQ_DIR:
+        root = root.parent
+    llm_dir, visual = root / LLM_DIR, root / VISUAL_WEIGHTS
+    adapter_config = llm_dir / "adapter_config.json"
+    if visual.is_file() and (llm_dir / "config.json").is_file():
+        return str(llm_dir), None, visual
+    if visual.is_file() and adapter_config.is_file():
+        # peft records the base as a directory; a base built from a preset is recorded as null
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        return base or cfg.model.llm, llm_dir, visual
+    raise ValueError(f"stage.llm_from_init needs stage.init to be a finished LLM stage's output directory "
+                     f"(with {LLM_DIR}/ holding a model or an adapter, and {VISUAL_WEIGHTS}); {stage.init!r} "
+                     "has neither")
+
+
+def merge_adapter(llm: nn.Module, adapter_dir: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(llm, str(adapter_dir)).merge_and_unload()
+
+
+def load_init_projector(model: nn.Module, visual_file: Path) -> int:
+    """Copy the init stage's projector into ``model.projector``; returns the number of tensors."""
+    from safetensors.torch import load_file
+
+    prefix = "projector."
+    state = {k[len(prefix):]: v for k, v in load_file(str(visual_file)).items() if k.startswith(prefix)}
+    model.projector.load_state_dict(state, strict=True)
+    return len(state)
+
+
+def dry_run_tokenizer(cfg: RecipeConfig) -> ViQTokenizer:
+    """The stage's tokenizer shapes without any weights (model.tokenizer must then be a preset)."""
+    if cfg.model.tokenizer not in VIQ_PRESETS:
+        raise ValueError(f"a dry run builds model.tokenizer as a preset; {cfg.model.tokenizer!r} is not one of "
+                         f"{sorted(VIQ_PRESETS)}")
+    return ViQTokenizer(stage_tokenizer_config(preset(cfg.model.tokenizer), cfg.stage))
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen encoder whose MAP output on each image, bilinearly resized (aspect ratio not kept) to a
+    fixed square, is the distillation target (viq-reference.md §1.5)."""
+
+    def __init__(self, encoder: Encoder, resolution: int):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.resolution = resolution
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # the target is the eval-mode teacher's
+
+    def resized(self, x_3HW: torch.Tensor) -> torch.Tensor:
+        r = self.resolution
+        if tuple(x_3HW.shape[-2:]) == (r, r):
+            return x_3HW
+        return F.interpolate(x_3HW[None].float(), size=(r, r), mode="bilinear", align_corners=False)[0]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        """Normalised [3, H, W] images -> MAP vectors ``[B, D]``."""
+        dev = self.encoder.pos_embed.device
+        patches, grids = patchify([self.resized(x.to(dev)) for x in pixel_values], self.encoder.cfg.patch_size)
+        cu, max_len = cu_from_grids(grids, dev)
+        trunk = self.encoder.forward_packed(patches, grids, cu, max_len)
+        return self.encoder.pool(trunk, cu)
+
+
+def build_teacher(stage: StageConfig, initial: Encoder, seed: int, dry_run: bool = False) -> FrozenTeacher:
+    """stage.teacher: null (a frozen copy of the initial encoder), a ViQ preset, a ViQ tokenizer or stage
+    output directory, or a SigLIP2 Hugging Face directory."""
+    spec = stage.teacher
+    if spec is None or dry_run:
+        encoder = copy.deepcopy(initial)
+    elif spec in VIQ_PRESETS or is_viq_dir(Path(spec)) or is_viq_dir(Path(spec) / VIQ_DIR):
+        encoder = load_tokenizer(spec, "stage.teacher", seed).encoder
+    elif (Path(spec) / "config.json").is_file():
+        from viq.convert import load_siglip2
+
+        encoder = load_siglip2(spec)
+    else:
+        raise ValueError(f"stage.teacher {spec!r} is neither a ViQ preset ({', '.join(sorted(VIQ_PRESETS))}), a "
+                         "ViQ tokenizer or stage output directory, nor a SigLIP2 Hugging Face directory")
+    if encoder.cfg.width != initial.cfg.width:
+        raise ValueError(f"stage.teacher {spec!r} has width {encoder.cfg.width}, the student's MAP output has "
+                         f"{initial.cfg.width}: the cosine needs equal widths")
+    return FrozenTeacher(encoder, stage.teacher_resolution)
+
+
+def load_perceptual(spec: str) -> Callable:
+    """``file.py:name`` (a callable ``(pred, target) -> loss``, or an nn.Module class built without
+    arguments) or a TorchScript file; frozen. Local files only: nothing is downloaded."""
+    file, sep, name = spec.rpartition(":")
+    if sep and file.endswith(".py"):
+        if not Path(file).is_file():
+            raise ValueError(f"stage.perceptual {spec!r}: {file} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(f"viq_perceptual_{Path(file).stem}", file)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        fn = getattr(module, name, None)
+        if fn is None:
+            raise ValueError(f"stage.perceptual {spec!r}: {file} defines no {name!r}")
+        fn = fn() if isinstance(fn, type) else fn
+    elif Path(spec).is_file():
+        fn = torch.jit.load(spec, map_location="cpu")
+    else:
+        raise ValueError(f"stage.perceptual {spec!r} is neither 'file.py:name' nor a TorchScript file")
+    if isinstance(fn, nn.Module):
+        fn.requires_grad_(False).eval()
+    return fn
+
+
+def perceptual_term(fn: Callable, preds: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over images of the perceptual loss (the form viq.decoder.reconstruction_loss uses)."""
+    return torch.stack([fn(p[None].float(), t[None].float()).mean() for p, t in zip(preds, targets, strict=True)]
+                       ).mean()

@@ -1,0 +1,273 @@
+"""Training the ViQ tokenizer in stages (viq-paper.md §1.1-1.5), each run by ``viq train RECIPE`` with a
+``stage`` section in the recipe (mllm.config.StageConfig):
+
+- ``stage1``: the encoder at native resolution + projector + LLM (LoRA): LM loss + self-distillation;
+- ``proximal`` (2-1): the head with an L-inf bottleneck: LM + distillation + reconstruction;
+- ``fsq`` (2-2): the FSQ head, initialised from 2-1 through an explicit key map (mllm.stages.init);
+- ``decoder``: the pixel decoder on the frozen tokenizer (mllm.stages.decoder), no LLM.
+
+The LLM stages run the ordinary MLLM Trainer on a model wrapper, ``TokenizerStageModel`` (an MLLM, so
+checkpointing, LoRA and the optimizer groups work unchanged), whose forward adds to the LM loss
+    distill_weight * mean_i (1 - cos(MAP(student_i), MAP_teacher(image_i resized to R x R)))
+    + recon_weight * (MSE(decoder(head features), pixels) [+ perceptual_weight * perceptual])
+    + feat_rec_weight * MSE(head features before the affine, normalised trunk features)
+where the student's features are the ones the LLM sees (stage1: the trunk; later: the head's output),
+taken from the same forward (mllm.model.mllm.VisualTrace): the tower runs once per step. Every stage writes
+``train.output_dir/viq_tokenizer`` (ViQTokenizer.save_pretrained) and ``stage_report.json``.
+
+Shape legend: ``N`` packed patches, ``C`` width, ``B`` images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from transformers import TrainingArguments
+from transformers.utils import ModelOutput
+
+from mllm.config import RecipeConfig, StageConfig, resolve_attention, resolve_dtype
+from mllm.model.build import BuiltModel, add_lora, apply_trainable, enable_gradient_checkpointing
+from mllm.model.llm import IMAGE_TOKEN, load_llm
+from mllm.model.mllm import MLLM, VisualInput, VisualTrace
+from mllm.stages.areas import area_sampler
+from mllm.stages.init import (
+    build_teacher,
+    dry_run_tokenizer,
+    init_language_side,
+    load_init_projector,
+    load_perceptual,
+    load_stage_tokenizer,
+    merge_adapter,
+    perceptual_term,
+)
+from mllm.stages.metrics import StageMetrics, code_stability
+from mllm.stages.report import parameter_counts, stage_report, write_report
+from mllm.train.checkpoint import VIQ_DIR
+from mllm.train.trainer import calibrate_projector, leading_items, prepare_trainer, resume_target
+from viq.convert.keymap import KeyMapReport
+from viq.decoder import reconstruction_loss
+from viq.image import pad_to_multiple
+from viq.tokenizer import ViQTokenizer
+
+log = logging.getLogger(__name__)
+
+@dataclasses.dataclass
+class StageOutput(ModelOutput):
+    """``loss`` = lm_loss + the weighted terms; the terms are unweighted and detached (for logging)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    distill_loss: torch.Tensor | None = None
+    recon_loss: torch.Tensor | None = None
+    perceptual_loss: torch.Tensor | None = None
+    feat_rec_loss: torch.Tensor | None = None
+
+
+class TokenizerStageModel(MLLM):
+    """The MLLM of a tokenizer stage (continuous visual input) plus the stage's auxiliary losses.
+
+    Registered on top of the MLLM's parts: ``teacher`` (frozen), ``decoder`` (the tokenizer's pixel
+    decoder, when reconstruction is on) and ``perceptual`` (frozen, when it is a module). ``tokenizer``
+    is held unregistered: its modules are the ones registered here, it only saves them together.
+    """
+
+    def __init__(self, llm, visual: VisualInput, image_token_id: int, tokenizer: ViQTokenizer,
+                 stage: StageConfig, teacher=None, perceptual=None, pool: str = "softmax", aux_scale: float = 1.0):
+        super().__init__(llm, visual, image_token_id, pool=pool)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        self.stage = stage
+        self.teacher = teacher if stage.distill_weight > 0 else None
+        recon = visual.use_head and stage.recon_weight > 0
+        if recon and tokenizer.decoder is None:
+            raise ValueError(f"stage.recon_weight={stage.recon_weight} but the tokenizer has no pixel decoder "
+                             "(decoder: null in its config)")
+        self.decoder = tokenizer.decoder if recon else None
+        self.perceptual = perceptual if recon else None
+        visual.keep_trace = True
+        self.aux_scale = aux_scale  # 1 / (grad_accum * world size) in training, see forward
+        fsq = visual.use_head and tokenizer.head.fsq is not None
+        self.metrics = StageMetrics(stage.metrics_window, tokenizer.codebook_size if fsq else None)
+        self.stage_report: dict = {}
+        self._forwards = 0
+
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
+                codes=None, image_grids=None, **kwargs):
+        out = super().forward(input_ids, labels=labels, position_ids=position_ids, attention_mask=attention_mask,
+                              pixel_values=pixel_values, codes=codes, image_grids=image_grids, **kwargs)
+        trace, self.visual.trace = self.visual.trace, None  # drop the reference: it holds the graph
+        terms = self.aux_terms(trace, pixel_values)
+        st = self.stage
+        weights = {"distill_loss": st.distill_weight, "recon_loss": st.recon_weight,
+                   "perceptual_loss": st.recon_weight * st.perceptual_weight, "feat_rec_loss": st.feat_rec_weight}
+        aux = sum(weights[k] * v for k, v in terms.items()) if terms else self._zero_aux()
+        # In training the Trainer passes num_items_in_batch and treats the loss as already normalised over
+        # the accumulated, all-rank batch (the LM loss is), then multiplies it by the world size; the
+        # per-micro-batch means here are scaled so that their gradients average the same way.
+        scale = self.aux_scale if kwargs.get("num_items_in_batch") is not None else 1.0
+        lm = out.loss if out.loss is not None else torch.zeros((), device=aux.device)
+        if self.training:
+            self._record(lm.detach() / scale, terms, trace, pixel_values)
+        return StageOutput(loss=lm + scale * aux, logits=out.logits, lm_loss=lm.detach(),
+                           **{k: v.detach() for k, v in terms.items()})
+
+    def aux_terms(self, trace: VisualTrace | None, pixel_values) -> dict[str, torch.Tensor]:
+        """The unweighted auxiliary losses of one forward; none for a batch without images."""
+        if trace is None:
+            return {}
+        terms = {}
+        if self.teacher is not None:
+            student_ND = trace.head.features if trace.head is not None else trace.trunk
+            student_BC = self.visual.encoder.pool(student_ND, trace.cu)
+            target_BC = self.teacher(list(pixel_values))
+            terms["distill_loss"] = (1 - F.cosine_similarity(student_BC.float(), target_BC.float(), dim=-1)).mean()
+        if self.decoder is not None:
+            preds = self.decoder(trace.head.features, trace.grids, trace.cu, trace.max_len)
+            patch = self.visual.patch_size
+            targets = [pad_to_multiple(x.to(p.device), patch) for x, p in zip(pixel_values, preds, strict=True)]
+            terms["recon_loss"] = reconstruction_loss(preds, targets)
+            if self.perceptual is not None:
+                terms["perceptual_loss"] = perceptual_term(self.perceptual, preds, targets)
+        if self.stage.feat_rec_weight > 0 and trace.head is not None:
+            emb = self.visual.head.embedder
+            # undoing the affine is exact in value and gradient: d/dw and d/db of (x*w + b - b)/w vanish
+            pre_affine_NC = (trace.head.features - emb.affine_bias) / emb.affine_weight
+            terms["feat_rec_loss"] = F.mse_loss(pre_affine_NC.float(), trace.head.pre_quant.detach().float())
+        return terms
+
+    def _zero_aux(self) -> torch.Tensor:
+        """0 * (trainable decoder weights): a text-only batch still gives them a (zero) gradient, so every
+        rank uses the same parameters (the MLLM does the same for the visual parts)."""
+        params = [p for p in self.decoder.parameters() if p.requires_grad] if self.decoder is not None else []
+        if not params:
+            return torch.zeros((), device=self.llm.device)
+        return sum(p.sum() for p in params) * 0.0
+
+    def _record(self, lm: torch.Tensor, terms: dict, trace: VisualTrace | None, pixel_values) -> None:
+        self._forwards += 1
+        values = {"lm_loss": lm, **terms}
+        if "distill_loss" in terms:
+            values["distill_cos"] = 1 - terms["distill_loss"]
+        indices = trace.head.indices if trace is not None and trace.head is not None else None
+        if indices is not None:
+            self.metrics.add_codes(indices)
+            every = self.stage.stability_every
+            if every and self._forwards % every == 0:
+                values["code_stability"] = code_stability(self.visual.encoder, self.visual.head, list(pixel_values),
+                                                          indices, self.stage.noise_sigma, seed=self._forwards)
+        self.metrics.add(**values)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Means since the last call (MLLMTrainer.log adds them to every training log)."""
+        return self.metrics.pop()
+
+
+# ----------------------------------------------------------------------------------------- building
+
+def _set_trainable(model: TokenizerStageModel, cfg: RecipeConfig) -> None:
+    apply_trainable(model, cfg)
+    if cfg.trainable.tower and model.teacher is not None:
+        # the student's MAP head serves the distillation here (apply_trainable freezes it for plain MLLMs)
+        model.visual.encoder.attn_pool.requires_grad_(True)
+    if model.decoder is not None:
+        model.decoder.requires_grad_(True)  # the decoder trains whenever reconstruction is on
+
+
+def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, *, cuda: bool | None = None,
+                      dry_run: bool = False) -> BuiltModel:
+    """The TokenizerStageModel of an LLM stage, seeded by train.seed. ``args``: the run's training arguments
+    (they set how the auxiliary losses are scaled, see TokenizerStageModel.forward). ``dry_run``: shapes only
+    (no weight files read; run it under ``torch.device("meta")``), see mllm.stages.run.dry_run."""
+    stage = cfg.stage
+    aux_scale = 1.0 / (args.gradient_accumulation_steps * args.world_size) if args is not None else 1.0
+    dtype = resolve_dtype(cfg.model.dtype, cuda)
+    attn = resolve_attention(cfg.model.attn_implementation, cuda)
+    if dry_run:
+        tok, report, init = dry_run_tokenizer(cfg), KeyMapReport(), cfg.model.tokenizer
+    else:
+        tok, report, init = load_stage_tokenizer(cfg)
+    teacher = build_teacher(stage, tok.encoder, cfg.train.seed, dry_run) if stage.distill_weight > 0 else None
+    perceptual = load_perceptual(stage.perceptual) if stage.perceptual and not dry_run else None
+    llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
+    continues = stage.llm_from_init and not dry_run
+    llm_spec, adapter, init_visual = init_language_side(cfg) if continues else (cfg.model.llm, None, None)
+    llm, text_tok = load_llm(llm_spec, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    if adapter is not None:
+        llm = merge_adapter(llm, adapter)
+    llm.config.use_cache = False
+    visual = VisualInput(tok, "continuous", use_head=stage.kind != "stage1")
+    visual.width, visual.patch_size = tok.encoder.cfg.width, tok.encoder.cfg.patch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
+        model = TokenizerStageModel(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), tok, stage,
+                                    teacher, perceptual, cfg.model.projector_pool, aux_scale)
+    if init_visual is not None:
+        n = load_init_projector(model, init_visual)
+        log.info("stage %s continues the LLM (%s%s) and the projector (%d tensors) of %s", stage.kind, llm_spec,
+                 f" + adapter {adapter}" if adapter else "", n, stage.init)
+    _set_trainable(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.trainable.llm == "lora":
+        model.llm = add_lora(model.llm, cfg)
+    if model.teacher is not None:
+        model.teacher.to(dtype)  # frozen and never saved; the trained parts stay fp32 (they are the product)
+    model.stage_report = stage_report(cfg, tok, report, init, parameter_counts(model))
+    log.info("built tokenizer stage %s (llm=%s, init=%s): %.2fM of %.2fM parameters trainable", stage.kind,
+             cfg.model.llm, init, model.stage_report["parameters"]["trainable"] / 1e6,
+             model.stage_report["parameters"]["total"] / 1e6)
+    return BuiltModel(model, text_tok, None, dtype)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def calibrate_fsq(tok: ViQTokenizer, dataset, n_images: int) -> None:
+    """Data-dependent start of the FSQ input projection on the first ``n_images`` training images
+    (viq.head.QuantizationHead.calibrate_quantizer_input says why)."""
+    pixels: list = []
+    for item in leading_items(dataset):
+        for sample in item:
+            pixels.extend(sample.get("pixel_values") or [])
+        if len(pixels) >= n_images:
+            break
+    if not pixels:
+        log.warning("no training image to calibrate the FSQ input projection on; keeping its init")
+        return
+    with torch.no_grad():
+        out = tok(pixels[:n_images])
+        std = tok.head.calibrate_quantizer_input(out.trunk, out.grids, out.cu, out.max_len)
+    log.info("calibrated the FSQ input projection on %d images (per-dimension std before: %s)",
+             min(len(pixels), n_images), [round(float(v), 4) for v in std])
+
+
+def run_llm_stage(cfg: RecipeConfig) -> Path:
+    """Train stage 1, 2-1 or 2-2 with the MLLM Trainer; returns its ``viq_tokenizer`` directory."""
+    trainer = prepare_trainer(cfg, build=build_stage_model, sample_transform=area_sampler(cfg))
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        # ViQTokenizer.save_pretrained writes the module's own (here: partitioned) tensors
+        raise ValueError(f"train.deepspeed={cfg.train.deepspeed!r} is ZeRO-3; the tokenizer stages save the "
+                         "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
+    model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
+    resume = resume_target(cfg)
+    if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume is None:
+        calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
+    if cfg.train.calibrate_projector and resume is None:
+        calibrate_projector(trainer, cfg.train.calibration_samples)  # on the (calibrated) head's features
+    out = Path(cfg.train.output_dir)
+    if trainer.args.should_save:
+        write_report(out, model.stage_report)  # before training: a failed run still shows the key map
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    if trainer.args.should_save:
+        model.tokenizer.save_pretrained(out / VIQ_DIR)
+        last = [rec for rec in trainer.state.log_history if "lm_loss" in rec]
+        write_report(out, {**model.stage_report, "final_metrics": last[-1] if last else {}})
+        log.info("stage %s done: %s", cfg.stage.kind, out / VIQ_DIR)
+    return out / VIQ_DIR

@@ -1,0 +1,446 @@
+"""``viq bench RECIPE.yaml [key=value ...]``: the training-step speed of each visual input mode, side by side.
+
+Modes (design/performance.md): ``continuous`` (the ViQ encoder without head as a SigLIP2-shaped tower,
+frozen, forward only), ``continuous-trainable`` (the tower trained too), ``viq-online`` (encoder + head
+in the step, frozen), ``viq-offline`` (stored codes -> code embedder), ``text-only`` (the LLM alone).
+Each step is a full training step: forward, backward and AdamW on the trainable parts (projector and
+the whole LLM; the tower when trainable). Every mode feeds the LLM the same tokens (mllm.tools.bench_steps).
+
+The modes run interleaved in one process (round-robin over steps) so that machine drift hits all of them
+alike; warm-up steps are dropped and the median of the timed steps is reported. Outputs in ``out_dir``:
+``bench.json`` (``records`` and a ``summary`` per llm x seq_len), ``bench.md`` and ``bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mllm.model.varlen_attn import register as register_varlen
+from mllm.tools import bench_steps as steps
+from viq.configio import load_config, to_dict
+from viq.tokenizer import ViQTokenizer
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["continuous", "continuous-trainable", "viq-online", "viq-offline", "text-only"]
+MODES: tuple[str, ...] = ("continuous", "continuous-trainable", "viq-online", "viq-offline", "text-only")
+
+# design/performance.md: full training iteration in seconds, (ViQ, SigLIP2-g), read off the paper's figure
+PAPER = {
+    ("qwen2.5-0.5b", 4096): (1.45, 2.88),
+    ("qwen2.5-0.5b", 16384): (4.44, 14.56),
+    ("qwen2.5-1.5b", 4096): (1.70, 3.15),
+    ("qwen2.5-1.5b", 16384): (5.89, 16.08),
+    ("qwen2.5-3b", 4096): (2.64, 4.11),
+    ("qwen2.5-3b", 16384): (8.58, 18.81),
+    ("qwen2.5-7b", 4096): (4.73, 6.14),
+    ("qwen2.5-7b", 16384): (14.37, 24.62),
+}
+# dense bf16 tensor-core peaks, for the MFU column when the recipe gives none
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+@dataclass(frozen=True)
+class CaseConfig:
+    llm: str  # an LLM preset (mllm.model.llm.LLM_PRESETS) or a key of llm_shapes
+    seq_len: int  # tokens of the packed row every mode feeds the LLM
+    paper_seq_len: int | None = None  # the real length a scaled-down case stands for (paper column)
+    padded: bool = True  # also run the padded_modes on padded batches
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """Resizes the tokenizer preset's encoder and head (null: keep the preset's value)."""
+
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_hidden: int | None = None
+    head_blocks: int | None = None  # pre, RoPE and post blocks of the quantization head
+    rope_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The synthetic sample mix: patch grids of the images, their weights, and text lengths."""
+
+    grids: tuple[tuple[int, int], ...] = ((24, 24), (24, 32), (32, 24), (32, 32), (48, 48))
+    grid_weights: tuple[float, ...] = (0.3, 0.2, 0.2, 0.2, 0.1)
+    text_only_fraction: float = 0.1
+    prompt_tokens: tuple[int, int] = (8, 64)
+    answer_tokens: tuple[int, int] = (4, 512)  # log-uniform
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    presets: tuple[CaseConfig, ...]
+    encoder: str = "g"  # ViQ tokenizer preset of the visual paths
+    encoder_shape: EncoderShape = field(default_factory=EncoderShape)
+    llm_shapes: dict = field(default_factory=dict)  # name -> {base: preset, hidden_size: ..., ...}
+    modes: tuple[Mode, ...] = MODES
+    padded_modes: tuple[Mode, ...] = ("continuous", "viq-offline")  # also run on padded batches
+    packed: bool = True
+    steps: int = 5
+    warmup: int = 2
+    device: str = "auto"  # auto: cuda when available
+    threads: int | None = None  # CPU intra-op threads (None: torch's default)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    llm_attn: Literal["viq_varlen", "sdpa", "flash_attention_2"] = "viq_varlen"
+    embedder_trainable: bool = False
+    encoder_checkpointing: bool = False  # recompute the trainable tower's activations in the backward pass
+    llm_checkpointing: bool = False
+    lr: float = 1e-5
+    seed: int = 0
+    peak_tflops: float | None = None  # for the MFU; default from the GPU's name
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/bench"
+
+    def __post_init__(self):
+        if not self.presets:
+            raise ValueError("presets must list at least one {llm, seq_len}")
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}")
+        for c in self.presets:
+            if c.seq_len <= 0:
+                raise ValueError(f"seq_len must be positive, got {c.seq_len} for {c.llm}")
+        if not self.packed and not (self.padded_modes and all(c.padded for c in self.presets)):
+            raise ValueError("nothing to run for some preset: packed is false and it runs no padded mode")
+
+
+def variants(cfg: BenchConfig, case: CaseConfig) -> list[tuple[str, bool]]:
+    """(mode, packed) pairs of a case, in run order."""
+    out = [(m, True) for m in cfg.modes] if cfg.packed else []
+    return out + ([(m, False) for m in cfg.padded_modes] if case.padded else [])
+
+
+def _device(cfg: BenchConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _peak_flops(cfg: BenchConfig, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class Variant:
+    """One (mode, packed) of a case, with its batch on the device and its fixed counts."""
+
+    mode: str
+    packed: bool
+    batch: dict
+    attn_kwargs: dict
+    counts: dict
+    times: list[float] = field(default_factory=list)
+    peak: int | None = None
+    loss: float | None = None
+    error: str | None = None  # set when the step does not fit in memory; the variant is then skipped
+
+
+def _build_tokenizer(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> ViQTokenizer:
+    tcfg = steps.tokenizer_config(cfg.encoder, **to_dict(cfg.encoder_shape))
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # initialise on the device: fast on a GPU
+        torch.manual_seed(cfg.seed)
+        tok = ViQTokenizer(tcfg)
+    tok.encoder.grad_checkpointing = cfg.encoder_checkpointing  # acts only while the tower trains
+    return tok.to(device=device, dtype=dtype).eval()
+
+
+def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device, dtype) -> list[Variant]:
+    tok, llm_cfg = bench.tokenizer, bench.llm.config
+    samples = steps.synth_samples(cfg.data, case.seq_len, np.random.default_rng(cfg.seed))
+    lengths = [s.length for s in samples]
+    grids = [s.grid for s in samples if s.grid]
+    kind_of = {"tower": "pixels", "tower+head": "pixels", "embedder": "codes", None: "text"}
+    cache: dict[tuple[str, bool], dict] = {}
+    out = []
+    for mode, packed in variants(cfg, case):
+        path = steps.VISUAL_OF_MODE[mode]
+        kind = kind_of[path]
+        if (kind, packed) not in cache:
+            items = steps.make_items(
+                samples,
+                kind,
+                vocab=llm_cfg.vocab_size,
+                image_token_id=bench.image_token_id,
+                codebook=tok.codebook_size,
+                codes_per_patch=tok.codes_per_patch,
+                patch=tok.cfg.encoder.patch_size,
+                seed=cfg.seed,
+            )
+            cache[kind, packed] = steps.to_device(steps.collate(items, packed), device, dtype)
+        batch = cache[kind, packed]
+        trained = mode == "continuous-trainable" or (mode == "viq-offline" and cfg.embedder_trainable)
+        counts = {
+            "llm_tokens": sum(lengths),
+            "computed_tokens": int(batch["input_ids"].numel()),  # with the padding of a padded batch
+            "samples": len(samples),
+            "images": 0 if path is None else len(grids),
+            "patches": 0 if path is None else sum(h * w for h, w in grids),
+            "llm_flops": steps.llm_train_flops(llm_cfg, lengths),
+            "visual_flops": steps.visual_forward_flops(tok.cfg, grids, path) * (3 if trained else 1),
+        }
+        out.append(Variant(mode, packed, batch, steps.attention_kwargs(batch, cfg.llm_attn), counts))
+    return out
+
+
+def _time(variants_: list[Variant], bench: steps.Workbench, cfg: BenchConfig, device: torch.device) -> None:
+    """Round-robin over the variants, one step each per round; rounds < warmup are not timed."""
+    for r in range(cfg.warmup + cfg.steps):
+        for v in (v for v in variants_ if v.error is None):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                loss = steps.train_step(bench, v.mode, v.batch, v.attn_kwargs)
+                _sync(device)
+            except torch.OutOfMemoryError:
+                # one mode too big for the device must not lose the others' figures: record and go on
+                v.error = "out of memory"
+                logger.warning("%s (%s) ran out of memory; it is left out", v.mode, "packed" if v.packed else "padded")
+                bench.optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            dt = time.perf_counter() - t0
+            v.loss = loss if v.loss is None else v.loss
+            if r >= cfg.warmup:
+                v.times.append(dt)
+                if device.type == "cuda":
+                    v.peak = max(v.peak or 0, torch.cuda.max_memory_allocated(device))
+        logger.info("round %d/%d done", r + 1, cfg.warmup + cfg.steps)
+
+
+def _record(v: Variant, case: CaseConfig, peak_flops: float | None) -> dict:
+    t = statistics.median(v.times) if v.times else None
+    return {
+        "mode": v.mode,
+        "llm": case.llm,
+        "seq_len": case.seq_len,
+        "packed": v.packed,
+        "step_time_s": t,
+        "tokens_per_s": None if t is None else v.counts["llm_tokens"] / t,
+        "peak_mem_bytes": v.peak,
+        "mfu": v.counts["llm_flops"] / t / peak_flops if peak_flops and t else None,
+        **v.counts,
+        "step_times_s": v.times,
+        "first_loss": v.loss,
+        "error": v.error,
+    }
+
+
+def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
+    """Per llm x seq_len: the savings and overheads of viq-offline, and packed-over-padded speed-ups."""
+    out = []
+    for case in cfg.presets:
+        recs = [r for r in records if r["llm"] == case.llm and r["seq_len"] == case.seq_len]
+        t = {(r["mode"], r["packed"]): r["step_time_s"] for r in recs if r["step_time_s"] is not None}
+        off = t.get(("viq-offline", True))
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        base = cfg.llm_shapes.get(case.llm, {}).get("base", case.llm)
+        paper = PAPER.get((base, case.paper_seq_len or case.seq_len))
+        emb = next((r for r in recs if r["mode"] == "viq-offline"), None)
+        out.append(
+            {
+                "llm": case.llm,
+                "seq_len": case.seq_len,
+                "saving_vs_continuous": _sub1(ratio(off, t.get(("continuous", True))), neg=True),
+                "overhead_vs_text_only": _sub1(ratio(off, t.get(("text-only", True)))),
+                "saving_vs_continuous_trainable": _sub1(ratio(off, t.get(("continuous-trainable", True))), neg=True),
+                "saving_vs_viq_online": _sub1(ratio(off, t.get(("viq-online", True))), neg=True),
+                "paper_saving": None if paper is None else 1 - paper[0] / paper[1],
+                "embedder_flops_fraction": None if emb is None else emb["visual_flops"] / emb["llm_flops"],
+                "packed_speedup": {m: ratio(t.get((m, False)), t.get((m, True))) for m in cfg.padded_modes},
+            }
+        )
+    return out
+
+
+def _sub1(x: float | None, neg: bool = False) -> float | None:
+    if x is None:
+        return None
+    return 1 - x if neg else x - 1
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run every case and mode of ``cfg``; returns the bench.json content (also written with the report)."""
+    device = _device(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.llm_attn == "viq_varlen":
+        register_varlen()
+    tok = _build_tokenizer(cfg, device, dtype)
+    peak_flops = _peak_flops(cfg, device)
+    records = []
+    for llm_name in dict.fromkeys(c.llm for c in cfg.presets):  # one LLM per name, for all its lengths
+        spec = steps.llm_spec(llm_name, cfg.llm_shapes)
+        llm = steps.build_llm(spec, dtype, device, cfg.llm_attn, cfg.seed)
+        if cfg.llm_checkpointing:  # transformers 5.2x renamed the method; the GPU image may hold an older one
+            getattr(llm, "activation_checkpointing_enable", llm.gradient_checkpointing_enable)()
+        bench = steps.build_workbench(tok, llm, cfg.lr, cfg.embedder_trainable)
+        for case in (c for c in cfg.presets if c.llm == llm_name):
+            logger.info("benchmarking %s at %d tokens on %s", case.llm, case.seq_len, device)
+            prepared = _prepare(cfg, case, bench, device, dtype)
+            _time(prepared, bench, cfg, device)
+            records += [_record(v, case, peak_flops) for v in prepared]
+            del prepared
+        del bench, llm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": to_dict(cfg),
+        "records": records,
+        "summary": summarize(records, cfg),
+    }
+    write_report(result, Path(cfg.out_dir))
+    return result
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if x is None else format(x, fmt) + unit
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        "# ViQ training-step benchmark",
+        "",
+        f"Device: {result['device']} ({result['threads']} threads), torch {result['torch']}, {cfg['dtype']}, "
+        f"LLM attention {cfg['llm_attn']}, encoder {cfg['encoder']}; median of {cfg['steps']} steps after "
+        f"{cfg['warmup']} warm-up, modes interleaved. A step is forward + backward + AdamW.",
+        "",
+        "| LLM | seq | mode | batch | s/step | tokens/s | peak mem GiB | MFU | images | patches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
+        lines.append(
+            f"| {r['llm']} | {r['seq_len']} | {r['mode']} | {'packed' if r['packed'] else 'padded'} | "
+            f"{_num(r['step_time_s'], '.4f')} | {_num(r['tokens_per_s'], '.0f')} | {_num(mem, '.2f')} | "
+            f"{_pct(r['mfu'])} | "
+            f"{r['images']} | {r['patches']} |"
+        )
+    modes = cfg["padded_modes"]
+    lines += [
+        "",
+        "| LLM | seq | saving vs continuous | paper | vs continuous-trainable | offline over text-only | "
+        "embedder FLOPs / LLM | " + " | ".join(f"packed/padded {m}" for m in modes) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(modes),
+    ]
+    for s in result["summary"]:
+        speedups = " | ".join(_num(s["packed_speedup"].get(m), ".2f", "x") for m in modes)
+        lines.append(
+            f"| {s['llm']} | {s['seq_len']} | {_pct(s['saving_vs_continuous'])} | "
+            f"{_pct(s['paper_saving'])} | "
+            f"{_pct(s['saving_vs_continuous_trainable'])} | {_pct(s['overhead_vs_text_only'])} | "
+            f"{_pct(s['embedder_flops_fraction'])} | {speedups} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    cases = [(s["llm"], s["seq_len"]) for s in result["summary"]]
+    modes = result["config"]["modes"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases)), 4))
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        times = [
+            next(
+                (
+                    r["step_time_s"] or 0.0
+                    for r in result["records"]
+                    if (r["llm"], r["seq_len"], r["mode"], r["packed"]) == (*c, mode, True)
+                ),
+                0.0,
+            )
+            for c in cases
+        ]
+        ax.bar([i + j * width for i in range(len(cases))], times, width, label=mode)
+    for i, s in enumerate(result["summary"]):
+        if s["saving_vs_continuous"] is not None:
+            ax.annotate(
+                f"-{100 * s['saving_vs_continuous']:.0f}%",
+                (i + 0.4, 0),
+                xytext=(0, -28),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+            )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{llm}\n{n}" for llm, n in cases], fontsize=8)
+    ax.set_ylabel("seconds per training step (median)")
+    ax.set_title(f"Training step by visual input mode ({result['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(markdown(result))
+    plot(result, out_dir / "bench.png")
+    logger.info("wrote %s, bench.md and bench.png\n%s", out_dir / "bench.json", markdown(result))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``viq bench RECIPE.yaml [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="viq bench",
+        description="Time full training steps of each visual input mode (continuous tower, ViQ online, "
+        "ViQ offline codes, text only; packed and padded) side by side, and write bench.json, bench.md "
+        "and bench.png to out_dir. Example: viq bench recipes/bench/cpu.yaml steps=3 out_dir=runs/bench",
+    )
+    parser.add_argument("recipe", help="bench recipe YAML (recipes/bench/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=3")
+    args = parser.parse_args(argv)
+    run_bench(load_config(BenchConfig, args.recipe, args.overrides))
+    return 0

@@ -1,0 +1,340 @@
+"""Training: a thin ``transformers.Trainer`` subclass and the recipe -> run wiring.
+
+DeepSpeed ZeRO (``train.deepspeed``: a json with "auto" values the Trainer fills in) and peft are
+wired here and in mllm.model.build only. What the subclass changes:
+- the optimizer: AdamW over per-part parameter groups (mllm.train.optim.param_groups);
+- the loss inputs: discrete runs turn pixels into codes with the frozen CodeEncoder when the batch
+  brings no codes;
+- saving and resuming: the checkpoint layout of mllm.train.checkpoint (adapters or full LLM, trainable
+  visual weights, the recipe); under ZeRO-3 the Trainer gathers the state dict before ``_save``;
+- logging: tokens/s, samples/s, peak memory and per-part learning rates, written by JsonlLogger.
+
+Batches: with ``data.packing`` the data set yields packs and a device batch of k packs becomes ONE
+padding-free row (collate_packed); otherwise samples are right-padded (collate_padded). Either way the
+loss is the mean over the supervised tokens of the whole (accumulated, all-rank) batch, because the
+Trainer passes ``num_items_in_batch`` down to the LLM's loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from mllm.config import RecipeConfig, resolve_dtype, save_recipe
+from mllm.data.codes import CodeStore, codes_dataset
+from mllm.data.dataset import SupervisedDataset
+from mllm.data.packing import PackedDataset, collate_packed, collate_padded
+from mllm.data.readers import read_samples, require_data_file
+from mllm.model.build import BuiltModel, build_mllm
+from mllm.train.checkpoint import load_checkpoint_weights, save_checkpoint
+from mllm.train.optim import param_groups
+from viq.configio import to_dict
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log event as one JSON line to ``output_dir/log.jsonl`` (rank 0) and logs it."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOG_FILE
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        log.info("step %d: %s", state.global_step,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+
+
+class QuietProgress(ProgressCallback):
+    """The progress bar without its printing of the log dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def _plain(value):
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class MLLMTrainer(Trainer):
+    def __init__(self, *args, recipe: RecipeConfig, text_tokenizer, code_encoder=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.text_tokenizer = text_tokenizer
+        self.code_encoder = code_encoder.to(self.args.device) if code_encoder is not None else None
+        self._tokens = 0
+        self._samples = 0
+        self._t_last: float | None = None
+        self._group_lrs: dict[str, float] = {}
+        if any(isinstance(cb, JsonlLogger) for cb in self.callback_handler.callbacks):
+            # JsonlLogger prints every log line already; keep the bar, drop the second print
+            self.callback_handler.remove_callback(PrinterCallback)
+            if self.callback_handler.pop_callback(ProgressCallback) is not None:
+                self.add_callback(QuietProgress)
+
+    # optimizer: per-part learning rates, no decay on biases/norms/vectors
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            target = self.accelerator.unwrap_model(self.model if model is None else model)
+            self.optimizer = torch.optim.AdamW(
+                param_groups(target, self.recipe), lr=self.recipe.train.learning_rate,
+                betas=tuple(self.recipe.train.adam_betas), eps=1e-8,
+            )
+        return self.optimizer
+
+    # inputs
+    def _with_codes(self, inputs: dict) -> dict:
+        if self.code_encoder is None or inputs.get("codes") is not None:
+            return inputs
+        inputs = dict(inputs)
+        pixels = inputs.pop("pixel_values", None)
+        if pixels:
+            inputs["codes"] = self.code_encoder(pixels)
+        return inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, self._with_codes(inputs), return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+        mask = inputs.get("attention_mask")
+        self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        cu = inputs.get("cu_seq_lens")
+        self._samples += len(cu) - 1 if cu is not None else inputs["input_ids"].shape[0]
+        # the scheduler steps before the log: record the learning rates this step actually uses
+        self._group_lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups
+                           if "name" in g and not g["name"].endswith("no_decay")}
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "grad_norm" in logs:  # a training-step log: every rank is here
+            counts = torch.tensor([self._tokens, self._samples], dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            now = time.perf_counter()
+            elapsed = max(now - (self._t_last or now), 1e-9)
+            logs["tokens_per_s"] = float(counts[0]) / elapsed
+            logs["samples_per_s"] = float(counts[1]) / elapsed
+            logs["peak_mem_gib"] = peak_memory_gib(self.args.device)
+            logs.update(self._group_lrs)
+            # tokenizer stages (mllm.stages.llm_stage.TokenizerStageModel) add their loss terms and code metrics
+            stage_metrics = getattr(self.accelerator.unwrap_model(self.model), "pop_metrics", None)
+            if stage_metrics is not None:
+                logs.update(stage_metrics())
+            self._tokens = self._samples = 0
+            self._t_last = now
+        super().log(logs, start_time)
+
+    # saving and loading (mllm.train.checkpoint layout)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        save_checkpoint(model, self.text_tokenizer, self.recipe, output_dir, state_dict=state_dict)
+        log.info("saved %s", output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_checkpoint_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    report_to = [r for r in t.report_to if r != "jsonl"]
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("train.report_to lists tensorboard but it is not installed: pip install tensorboard")
+    periodic_eval = has_eval and t.eval_steps is not None
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the training steps
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=t.eval_steps if periodic_eval else None,
+        prediction_loss_only=True,
+        bf16=dtype == torch.bfloat16,
+        deepspeed=t.deepspeed,
+        report_to=report_to or "none",
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # the model takes pixel_values/codes/image_grids
+        label_names=["labels"],
+        average_tokens_across_devices=True,
+        disable_tqdm=not t.progress_bar,
+        # without a GPU accelerate only sets up gloo ranks (torchrun, deepspeed on CPU) when told so;
+        # otherwise every rank believes it is alone and trains on the full data
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _dataset(cfg: RecipeConfig, path: str, tokenizer, sample_transform=None, store: CodeStore | None = None):
+    d = cfg.data
+    if store is not None:  # codes extracted offline: the step decodes no image and runs no encoder
+        ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len,
+                           strict=d.strict)
+        return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
+    samples = read_samples(path, d.image_root)
+    if sample_transform is not None:  # e.g. the tokenizer stages' per-image area sampling
+        samples = sample_transform(samples)
+    ds = SupervisedDataset(samples, tokenizer, image_mode=d.image_mode, image_area=d.image_area,
+                           image_multiple=d.image_multiple, min_area=d.min_area, max_area=d.max_area,
+                           max_seq_len=d.max_seq_len, strict=d.strict)
+    return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
+
+
+def build_datasets(cfg: RecipeConfig, tokenizer, sample_transform=None, viq_identity: dict | None = None):
+    """(train, eval or None, collator).
+    ``sample_transform``: an optional map over the training samples (Iterable[Sample] -> Iterable[Sample])."""
+    d = cfg.data
+    require_data_file(d.train)
+    store = CodeStore(d.codes, expected_tokenizer=viq_identity) if d.codes else None
+    train = _dataset(cfg, d.train, tokenizer, sample_transform, store)
+    evaluation = _dataset(cfg, d.eval, tokenizer, store=store) if d.eval else None
+    collator = collate_packed if d.packing else functools.partial(collate_padded,
+                                                                  pad_token_id=tokenizer.pad_token_id)
+    return train, evaluation, collator
+
+
+def resume_target(cfg: RecipeConfig) -> str | None:
+    t = cfg.train
+    if t.resume_from_checkpoint:
+        if not Path(t.resume_from_checkpoint).is_dir():
+            raise ValueError(f"train.resume_from_checkpoint {t.resume_from_checkpoint!r} is not a directory")
+        return t.resume_from_checkpoint
+    if not t.resume:
+        return None
+    last = get_last_checkpoint(t.output_dir) if Path(t.output_dir).is_dir() else None
+    if last is None:
+        log.info("train.resume=true but %s holds no checkpoint: starting from scratch", t.output_dir)
+    return last
+
+
+def _init_deepspeed_comm(args: TrainingArguments) -> None:
+    # on CPU, accelerate starts torch.distributed itself (gloo) and leaves deepspeed.comm down; ZeRO-3's
+    # zero.Init, which transformers uses while building the LLM, then sees a world of one. On GPU
+    # accelerate has initialised deepspeed.comm already and this is a no-op.
+    if args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def _init_wandb(cfg: RecipeConfig, args: TrainingArguments) -> None:
+    # start the run ourselves so that offline mode comes from the recipe, not the environment;
+    # the Trainer's WandbCallback reuses an active run
+    if "wandb" not in cfg.train.report_to or not args.should_log:
+        return
+    import wandb
+
+    wandb.init(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, dir=cfg.train.output_dir,
+               config=to_dict(cfg))
+
+
+def _build_mllm(cfg: RecipeConfig, args: TrainingArguments) -> BuiltModel:
+    return build_mllm(cfg)
+
+
+def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=None) -> MLLMTrainer:
+    """Data, model and Trainer of a recipe, ready for ``train()``. ``build`` ((recipe, training arguments) ->
+    BuiltModel) and ``sample_transform`` let the tokenizer stages (mllm.stages.llm_stage) reuse this wiring."""
+    # TrainingArguments come first: they start the process group (data is prepared on the first local
+    # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
+    args = training_arguments(cfg, resolve_dtype(cfg.model.dtype), has_eval=cfg.data.eval is not None)
+    _init_deepspeed_comm(args)
+    built = build(cfg, args)
+    with args.main_process_first(local=True, desc="data preparation"):
+        train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, sample_transform,
+                                                     getattr(built, "viq_identity", None))
+    if args.should_save:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")
+    _init_wandb(cfg, args)
+    return MLLMTrainer(
+        model=built.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        recipe=cfg, text_tokenizer=built.tokenizer, code_encoder=built.code_encoder,
+        callbacks=[JsonlLogger(cfg.train.output_dir)] if "jsonl" in cfg.train.report_to else None,
+    )
+
+
+def leading_items(dataset) -> Iterator[list[dict]]:
+    """The items of a (possibly packed) training data set in order, each as its list of samples, for
+    data-dependent starts; every rank reads the same ones, so all ranks agree on the result."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        yield item if isinstance(item, list) else [item]
+
+
+def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
+    """Data-dependent start of the projector (mllm.model.projector.Projector.calibrate) on the visual features
+    of the first ``n_samples`` training samples."""
+    model, feats, seen = trainer.model, [], 0
+    with torch.no_grad():
+        for item in leading_items(trainer.train_dataset):
+            for sample in item:
+                if sample.get("image_grids") is not None and len(sample["image_grids"]):
+                    pixels, codes = sample.get("pixel_values"), sample.get("codes")
+                    if codes is None and trainer.code_encoder is not None:  # codes computed in the step
+                        codes = trainer.code_encoder(pixels)
+                    feats += model.visual(pixel_values=pixels, codes=codes, image_grids=sample["image_grids"])
+            seen += len(item)
+            if seen >= n_samples:
+                break
+    if not feats:
+        log.warning("no training image to calibrate the projector on; keeping its init")
+        return
+    std = model.projector.calibrate(feats)
+    log.info("calibrated the projector on %d images (median channel std before: %.4f)", len(feats),
+             float(std.median()))
+
+
+def run_training(cfg: RecipeConfig) -> MLLMTrainer:
+    """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir."""
+    trainer = prepare_trainer(cfg)
+    resume = resume_target(cfg)
+    if cfg.train.calibrate_projector and resume is None:
+        calibrate_projector(trainer, cfg.train.calibration_samples)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(cfg.train.output_dir)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    return trainer

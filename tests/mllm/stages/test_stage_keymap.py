@@ -1,0 +1,86 @@
+"""Stage chaining through the explicit key map (mllm.stages.init): 2-1 -> 2-2 loads every tensor whose shape
+still fits, re-initialises exactly the changed ones and says which; bad init directories are named."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm.config import load_recipe
+from mllm.stages.init import load_stage_tokenizer, stage_tokenizer_config
+from mllm.train.checkpoint import VIQ_DIR
+from viq.config import preset
+from viq.quantize import FSQ
+from viq.tokenizer import ViQTokenizer
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tokenizer" / "debug"
+# the tensors whose shape depends on the code width (bottleneck 16 vs 4 FSQ levels), and the codebook
+CHANGED = ["head.embedder.codebook", "head.embedder.project_out.weight", "head.project_in.bias",
+           "head.project_in.weight"]
+
+
+def saved_tokenizer(path: Path, quantizer: str, seed: int) -> ViQTokenizer:
+    cfg = preset("debug")
+    tok = ViQTokenizer.from_preset("debug", seed=seed, head=dataclasses.replace(cfg.head, quantizer=quantizer))
+    tok.save_pretrained(path)
+    return tok
+
+
+def recipe(name: str, init: Path | str, *extra: str):
+    return load_recipe(RECIPES / f"{name}.yaml", [f"stage.init={init}", *extra])
+
+
+def test_proximal_to_fsq_loads_all_that_fits(tmp_path, caplog):
+    source = saved_tokenizer(tmp_path / "p" / VIQ_DIR, "linf", seed=1)
+    cfg = recipe("stage2_2_fsq", tmp_path / "p")  # the stage's output dir: viq_tokenizer/ is found in it
+    with caplog.at_level(logging.INFO, logger="mllm"):
+        tok, report, init = load_stage_tokenizer(cfg)
+    assert tok.head.fsq is not None and tok.cfg.head.levels == (8, 5, 5, 5)
+    assert report.reinitialised == CHANGED
+    assert report.ignored == []
+    src, own = source.state_dict(), tok.state_dict()
+    assert sorted(report.loaded) == sorted(set(own) - set(CHANGED))
+    for key in report.loaded:
+        assert torch.equal(own[key], src[key]), key
+    # the changed tensors keep the stage's seeded fresh initialisation; the codebook is the implicit one
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        fresh = ViQTokenizer(stage_tokenizer_config(source.cfg, cfg.stage)).state_dict()
+    for key in CHANGED:
+        assert torch.equal(own[key], fresh[key]), key
+    assert torch.equal(own["head.embedder.codebook"], FSQ((8, 5, 5, 5)).implicit_codebook())
+    # the log names every re-initialised tensor
+    text = caplog.text
+    assert all(key in text for key in CHANGED) and "re-initialised" in text
+
+
+def test_fsq_to_proximal_ignores_only_the_codebook(tmp_path):
+    saved_tokenizer(tmp_path / "s1", "fsq", seed=2)  # a stage-1 directory (its head is the preset's FSQ one)
+    tok, report, _ = load_stage_tokenizer(recipe("stage2_1_proximal", tmp_path / "s1"))
+    assert tok.head.fsq is None and tok.cfg.head.bottleneck_dim == 16
+    assert report.ignored == ["head.embedder.codebook"]
+    assert report.reinitialised == ["head.embedder.project_out.weight", "head.project_in.bias",
+                                    "head.project_in.weight"]
+
+
+def test_same_head_loads_everything(tmp_path):
+    source = saved_tokenizer(tmp_path / "f", "fsq", seed=3)
+    tok, report, _ = load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "f"))
+    assert report.reinitialised == [] and report.ignored == []
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in tok.state_dict().items())
+
+
+def test_decoder_stage_needs_an_fsq_head(tmp_path):
+    saved_tokenizer(tmp_path / "p", "linf", seed=0)
+    with pytest.raises(ValueError, match="FSQ quantizer.*'linf'"):
+        load_stage_tokenizer(recipe("decoder", tmp_path / "p"))
+
+
+def test_bad_init_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*neither a ViQ preset.*viq_tokenizer/"):
+        load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "empty"))

@@ -1,0 +1,188 @@
+"""Offline code extraction: determinism, resumption, multi-rank, storage type, failures, CodeStore checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mllm.tools.extract import CodeStore, _code_type, _write_shard, extract, main, plan_batches, tokenizer_identity
+from viq.tokenizer import ViQTokenizer
+
+CONV = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test."}]
+
+
+def lively_tokenizer(seed: int = 0) -> ViQTokenizer:
+    """The debug preset, with the code projection scaled so random weights give varied codes (a fresh
+    random head maps everything to the centre of the FSQ grid, which would make equality tests vacuous)."""
+    tok = ViQTokenizer.from_preset("debug", seed=seed)
+    with torch.no_grad():
+        tok.head.project_in.weight.mul_(200.0)
+    return tok
+
+
+def write_dataset(root: Path, n: int = 7, corrupt: bool = True, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(48, 200, size=2))
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(sub / f"img{i}.png")
+        records.append({"id": f"s{i}", "image": f"{sub.name}/img{i}.png", "conversations": CONV})
+    # the same image twice: it is extracted once
+    records.append({"id": "dup", "image": "b/img0.png", "conversations": CONV})
+    if corrupt:
+        (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+        records.append({"id": "bad", "image": "broken.png", "conversations": CONV})
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return lively_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("extract")
+    data = write_dataset(root / "data")
+    out = root / "codes"
+    manifest = extract(tok, data, out, shard_size=3, batch_patches=160, progress=False)
+    return data, out, manifest
+
+
+def test_manifest_counts_and_storage_type(extracted, tok):
+    _, out, manifest = extracted
+    assert manifest["counts"] == {"samples": 9, "images": 8, "encoded": 7, "failed": 1, "shards": 3}
+    assert manifest["tokenizer"] == tokenizer_identity(tok)
+    assert manifest["codebook_size"] == tok.codebook_size and manifest["codes_per_patch"] == 4
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"])
+        assert table.schema.field("codes").type == pa.list_(pa.uint16())
+        assert table.schema.field("h").type == pa.int32() and table.schema.field("w").type == pa.int32()
+        keys = table.column("key").to_pylist()
+        assert keys == sorted(keys) and len(keys) == shard["rows"]
+
+
+def test_shards_cost_at_most_two_bytes_per_code(tmp_path):
+    # ViQ-16k's codebook (15360 entries): random codes, the worst case for compression
+    rng = np.random.default_rng(0)
+    rows = [(f"img{i:03d}", (24, 24), rng.integers(0, 15360, 24 * 24 * 4)) for i in range(150)]
+    path = tmp_path / "shard.parquet"
+    _write_shard(path, rows, _code_type(15360))
+    n_codes = sum(len(r[2]) for r in rows)
+    meta = pq.ParquetFile(path).metadata
+    codes_col = [meta.schema.column(i).path for i in range(meta.num_columns)].index("codes.list.element")
+    codes_bytes = sum(meta.row_group(g).column(codes_col).total_compressed_size for g in range(meta.num_row_groups))
+    assert codes_bytes <= 2 * n_codes
+    assert path.stat().st_size <= 2 * n_codes + 8 * len(rows) + 4096  # grids and keys: a few bytes per image
+    assert _code_type(65536) == pa.uint16() and _code_type(65537) == pa.int32()
+
+
+def test_codes_read_back_equal_encode(extracted, tok):
+    data, out, _ = extracted
+    store = CodeStore(out, expected_tokenizer=tok)
+    assert len(store) == 7 and "broken.png" not in store
+    for key in ("a/img1.png", "b/img4.png"):
+        want = tok.encode([Image.open(data.parent / key)])[0]
+        codes, grid = store[key]
+        assert grid == want.grid and codes.dtype == torch.int64
+        assert torch.equal(codes, want.indices)
+    assert len(torch.unique(store["a/img1.png"][0])) > 10  # the check above is not vacuous
+
+
+def test_failures_file_names_the_corrupt_image(extracted):
+    _, out, _ = extracted
+    lines = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["key"] for f in lines] == ["broken.png"]
+    assert "cannot read image" in lines[0]["reason"]
+
+
+def test_resume_after_a_lost_shard_is_byte_identical(extracted, tok, tmp_path):
+    data, out, _ = extracted
+    want = digests(out)
+    copy = tmp_path / "codes"
+    copy.mkdir()
+    for p in out.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    # a run killed during shard 1: its files and the final files are missing, a temporary file is left
+    for name in ("codes-00001-of-00003.parquet", "codes-00001-of-00003.failures.jsonl", "manifest.json"):
+        (copy / name).unlink()
+    (copy / ".codes-00001-of-00003.parquet.999.tmp").write_bytes(b"half a shard")
+    before = {n: (copy / n).stat().st_mtime_ns for n in ("codes-00000-of-00003.parquet",)}
+    extract(tok, data, copy, shard_size=3, batch_patches=160, progress=False)
+    assert digests(copy) == want
+    assert (copy / "codes-00000-of-00003.parquet").stat().st_mtime_ns == before["codes-00000-of-00003.parquet"]
+
+
+def test_two_ranks_give_the_same_files(extracted, tok, tmp_path):
+    data, out, _ = extracted
+    assert extract(tok, data, tmp_path, shard_size=3, batch_patches=160, rank=1, world_size=2, progress=False) is None
+    assert not (tmp_path / "manifest.json").exists()  # rank 0's shards are still missing
+    manifest = extract(tok, data, tmp_path, shard_size=3, batch_patches=160, rank=0, world_size=2, progress=False)
+    assert manifest is not None and digests(tmp_path) == digests(out)
+
+
+def test_other_settings_into_the_same_directory_are_refused(extracted, tok):
+    data, out, _ = extracted
+    with pytest.raises(ValueError, match="another extraction"):
+        extract(tok, data, out, shard_size=3, batch_patches=160, preprocess={"area": 96 * 96}, progress=False)
+    with pytest.raises(ValueError, match="unknown preprocess setting 'size'"):
+        extract(tok, data, out, preprocess={"size": 3}, progress=False)
+
+
+def test_codestore_rejects_another_tokenizer(extracted):
+    _, out, manifest = extracted
+    other = lively_tokenizer(seed=1)
+    with pytest.raises(ValueError) as err:
+        CodeStore(out, expected_tokenizer=other)
+    msg = str(err.value)
+    assert manifest["tokenizer"]["weights_sha256"][:12] in msg
+    assert tokenizer_identity(other)["weights_sha256"][:12] in msg
+
+
+def test_codestore_missing_key_and_bad_checksum(extracted, tmp_path):
+    _, out, manifest = extracted
+    with pytest.raises(KeyError, match="nope.png"):
+        CodeStore(out)["nope.png"]
+    for p in out.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    shard = tmp_path / manifest["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-9] + b"corrupted")
+    with pytest.raises(ValueError, match="bad checksum"):
+        CodeStore(tmp_path)
+
+
+def test_plan_batches_respects_the_budget():
+    grids = [(8, 8), (2, 2), (4, 4), (16, 16), (4, 4)]
+    batches = plan_batches(grids, 100)
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    assert batches == [[1, 2, 4, 0], [3]]  # ascending area, ties by index; the big one alone
+    with pytest.raises(ValueError, match="batch_patches"):
+        plan_batches(grids, 0)
+
+
+def test_cli_entry_point(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data", n=2, corrupt=False)
+    tok_dir = tmp_path / "tok"
+    lively_tokenizer().save_pretrained(tok_dir)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main([str(tok_dir), str(data), "--out", str(tmp_path / "out"), "--no-progress", "area=9216"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["preprocess"]["area"] == 9216 and manifest["counts"]["encoded"] == 2
