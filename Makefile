@@ -22,5 +22,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check viq mllm tests
+	$(VENV)/bin/lint-imports
 
 .PHONY: venv demo test lint

@@ -3,7 +3,7 @@
 Shape legend: ``N`` packed patches of a batch, ``E`` codes per patch, ``C`` width, ``cu`` int32 patch
 offsets ``[B+1]``. ``Codes.indices`` is flat ``[h*w*E]`` in patch raster order, sub-code minor.
 A tokenizer directory holds ``config.json`` (the full config tree) and ``model.safetensors``, and
-``vae/`` (diffusers' format) when its decoder predicts latents of the Qwen-Image VAE (viq.convert.vae).
+``vae/`` (diffusers' format) when its decoder predicts latents of the Qwen-Image VAE (viq.vae).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ViQTokenizer(nn.Module):
         self.encoder = Encoder(cfg.encoder)
         self.head = QuantizationHead(cfg.head)
         self.decoder = PixelDecoder(cfg.decoder) if cfg.decoder is not None else None
-        self.vae = None  # the external, frozen VAE decoder of latent-predicting decoders (viq.convert.vae)
+        self.vae = None  # the external, frozen VAE decoder of latent-predicting decoders (viq.vae)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # ``vae`` stays out of the registered modules: not in state_dict (it is saved apart, in diffusers'
@@ -97,7 +97,7 @@ class ViQTokenizer(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT})
         if self.vae is not None:
-            from viq.convert.vae import save_vae
+            from viq.vae import save_vae
 
             save_vae(self.vae, path / "vae")
 
@@ -109,7 +109,7 @@ class ViQTokenizer(nn.Module):
         state = load_file(str(Path(path) / "model.safetensors"))
         load_strict(model, state, what=str(path))
         if (Path(path) / "vae").is_dir():
-            from viq.convert.vae import load_vae, vae_available
+            from viq.vae import load_vae, vae_available
 
             if vae_available():  # without diffusers everything but pixel decoding still works
                 model.vae = load_vae(Path(path) / "vae", dtype or torch.float32).to(device)  # as the model
@@ -198,7 +198,7 @@ class ViQTokenizer(nn.Module):
         cu, max_len = cu_from_grids(grids, self.device)
         outs = self.decoder(torch.cat(feats), grids, cu, max_len)
         if latent:
-            from viq.convert.vae import decode_latents
+            from viq.vae import decode_latents
 
             vae = self.vae.to(self.device)
             return [Image.fromarray(decode_latents(vae, o)) for o in outs]

@@ -192,7 +192,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     prog.start("benchmark")
     if cfg.bench_recipe:
         bench_out = work / "bench"
-        bench_cfg = load_config(BenchConfig, resolve_recipe(cfg.bench_recipe), [f"out_dir={bench_out}", *cfg.bench_overrides])
+        bench_cfg = load_config(BenchConfig, resolve_recipe(cfg.bench_recipe),
+                                [f"out_dir={bench_out}", *cfg.bench_overrides])
         results["bench"] = run_bench(bench_cfg)
         shutil.copy(bench_out / "bench.png", report / "speedup.png")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from mllm.config import RecipeConfig, resolve_attention, resolve_dtype
 from mllm.data.codes import tokenizer_identity
 from mllm.model.llm import IMAGE_TOKEN, LORA_TARGETS, load_llm
 from mllm.model.mllm import MLLM, VisualInput
-from viq.config import PRESETS as VIQ_PRESETS
+from mllm.model.viq_loader import load_viq
 from viq.encoder import cu_from_grids, patchify
 from viq.tokenizer import ViQTokenizer
 
@@ -78,16 +77,6 @@ class CodeEncoder(nn.Module):
         trunk = self.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
         _, indices, _ = self.head.quantize(trunk, grids, cu, max_len)
         return indices.reshape(-1)
-
-
-def load_viq(spec: str, seed: int = 0) -> ViQTokenizer:
-    """A ViQ tokenizer preset (seeded random weights) or a saved tokenizer directory."""
-    if spec in VIQ_PRESETS:
-        return ViQTokenizer.from_preset(spec, seed=seed)
-    if not Path(spec).is_dir():
-        presets = ", ".join(sorted(VIQ_PRESETS))
-        raise ValueError(f"model.tokenizer {spec!r} is neither a ViQ preset ({presets}) nor a directory")
-    return ViQTokenizer.from_pretrained(spec)
 
 
 def build_visual(cfg: RecipeConfig, tokenizer: ViQTokenizer) -> tuple[VisualInput, CodeEncoder | None]:
@@ -185,7 +174,7 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
     llm, text_tok = load_llm(cfg.model.llm, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
     llm.config.use_cache = False
-    viq_tok = load_viq(cfg.model.tokenizer, seed=cfg.train.seed)
+    viq_tok = load_viq(cfg.model.tokenizer, seed=cfg.train.seed, what="model.tokenizer")
     identity = tokenizer_identity(viq_tok) if cfg.data.codes else None
     visual, code_encoder = build_visual(cfg, viq_tok)
     with torch.random.fork_rng(devices=[]):

@@ -25,45 +25,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from mllm.config import RecipeConfig, StageConfig
-from mllm.train.checkpoint import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
+from mllm.model.layout import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
+from mllm.model.viq_loader import load_viq, names_viq
 from viq.config import PRESETS as VIQ_PRESETS
 from viq.config import TokenizerConfig, preset
 from viq.convert.keymap import KeyMapReport, apply_key_map
 from viq.encoder import Encoder, cu_from_grids, patchify
-from viq.tokenizer import FORMAT, ViQTokenizer
+from viq.tokenizer import ViQTokenizer
 
 log = logging.getLogger(__name__)
 
 IDENTITY = [(r"(.+)", r"\1")]
 # derived from head.levels (viq.decoder.CodeEmbedder); a head without FSQ has no such buffer
 CODEBOOK_KEY = r"head\.embedder\.codebook"
-
-
-def is_viq_dir(path: Path) -> bool:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        return False
-    try:
-        return json.loads(cfg_file.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
-def resolve_tokenizer_dir(spec: str, what: str) -> Path:
-    """A ViQ tokenizer directory, or a stage output directory holding ``viq_tokenizer/``."""
-    path = Path(spec)
-    for candidate in (path, path / VIQ_DIR):
-        if is_viq_dir(candidate):
-            return candidate
-    raise ValueError(f"{what} {spec!r} is neither a ViQ preset ({', '.join(sorted(VIQ_PRESETS))}), a ViQ "
-                     f"tokenizer directory (config.json of format {FORMAT!r}), nor a stage output directory "
-                     f"holding {VIQ_DIR}/ (did the previous stage finish?)")
-
-
-def load_tokenizer(spec: str, what: str, seed: int) -> ViQTokenizer:
-    if spec in VIQ_PRESETS:
-        return ViQTokenizer.from_preset(spec, seed=seed)
-    return ViQTokenizer.from_pretrained(resolve_tokenizer_dir(spec, what))
 
 
 def stage_tokenizer_config(source: TokenizerConfig, stage: StageConfig) -> TokenizerConfig:
@@ -109,7 +83,7 @@ def load_stage_tokenizer(cfg: RecipeConfig) -> tuple[ViQTokenizer, KeyMapReport,
     spec = stage.init or cfg.model.tokenizer
     if stage.init and stage.init != cfg.model.tokenizer:
         log.info("stage.init %s replaces model.tokenizer %s", stage.init, cfg.model.tokenizer)
-    source = load_tokenizer(spec, "stage.init" if stage.init else "model.tokenizer", seed)
+    source = load_viq(spec, seed=seed, what="stage.init" if stage.init else "model.tokenizer")
     if stage.kind == "decoder":
         check_decoder_source(source, spec)
         return source, KeyMapReport(loaded=sorted(source.state_dict())), spec
@@ -210,8 +184,8 @@ def build_teacher(stage: StageConfig, initial: Encoder, seed: int, dry_run: bool
     spec = stage.teacher
     if spec is None or dry_run:
         encoder = copy.deepcopy(initial)
-    elif spec in VIQ_PRESETS or is_viq_dir(Path(spec)) or is_viq_dir(Path(spec) / VIQ_DIR):
-        encoder = load_tokenizer(spec, "stage.teacher", seed).encoder
+    elif names_viq(spec):
+        encoder = load_viq(spec, seed=seed, what="stage.teacher").encoder
     elif (Path(spec) / "config.json").is_file():
         from viq.convert import load_siglip2
 

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from mllm.config import RecipeConfig, StageConfig, resolve_attention, resolve_dtype
 from mllm.model.build import BuiltModel, add_lora, apply_trainable, enable_gradient_checkpointing
+from mllm.model.layout import VIQ_DIR
 from mllm.model.llm import IMAGE_TOKEN, load_llm
 from mllm.model.mllm import MLLM, VisualInput, VisualTrace
 from mllm.stages.areas import area_sampler
@@ -46,7 +47,6 @@ from mllm.stages.init import (
 )
 from mllm.stages.metrics import StageMetrics, code_stability
 from mllm.stages.report import parameter_counts, stage_report, write_report
-from mllm.train.checkpoint import VIQ_DIR
 from mllm.train.trainer import calibrate_projector, leading_items, prepare_trainer, resume_target
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss

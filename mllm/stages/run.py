@@ -20,7 +20,7 @@ def run_stage(cfg: RecipeConfig) -> Path:
         raise ValueError("run_stage needs a recipe with a stage section")
     if cfg.stage.vae is not None:
         raise ValueError(f"stage.vae={cfg.stage.vae!r}: the latent reconstruction target is not implemented "
-                         "(viq.convert.vae loads a VAE's decoder half only); leave stage.vae null for pixels")
+                         "(viq.vae loads a VAE's decoder half only); leave stage.vae null for pixels")
     if cfg.stage.kind == "decoder":
         return run_decoder_stage(cfg)
     return run_llm_stage(cfg)

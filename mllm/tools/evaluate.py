@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm.data.readers import ImageRef, dataset_images, read_samples
+from mllm.model.viq_loader import load_viq
 from mllm.stages.metrics import PIXEL_RANGE, codebook_stats
 from mllm.tools.inference import Request, generate_batch, preprocess_image
 from viq.image import normalize
@@ -368,23 +369,12 @@ def resolve_data(data: str | Path, split: str) -> Path:
     return path
 
 
-def _tokenizer_for_eval(spec: str, device) -> ViQTokenizer:
-    from mllm.model.build import load_viq
-    from mllm.train.checkpoint import MLLM_CONFIG, VIQ_DIR
-
-    root = Path(spec)
-    if (root / MLLM_CONFIG).is_file() and (root / VIQ_DIR).is_dir():
-        root = root / VIQ_DIR  # an export directory holds its (trained) tokenizer
-    tok = load_viq(str(root))
-    return tok.to(device).eval()
-
-
 def _run_eval(args: argparse.Namespace) -> dict:
     from mllm.tools.inference import load_mllm, load_vis_tokenizer, model_dir_kind, resolve_device
 
     data = resolve_data(args.data, args.split)
     if args.tokenizer:
-        tok = _tokenizer_for_eval(args.tokenizer, resolve_device(args.device))
+        tok = load_viq(args.tokenizer, what="--tokenizer").to(resolve_device(args.device)).eval()
         images = dataset_images(data, args.image_root, args.limit)
         results = {**tokenizer_metrics(tok, images, noise_sigma=args.noise_sigma, batch_size=args.batch_size),
                    "tokenizer": args.tokenizer, "data": str(data)}

@@ -52,23 +52,13 @@ from mllm.data.codes import (  # noqa: F401  (CodeStore: re-exported, the readin
 )
 from mllm.data.dataset import image_grid
 from mllm.data.readers import ImageRef, read_samples
-from viq.config import PRESETS, PreprocessConfig
+from mllm.model.viq_loader import load_viq
+from viq.config import PreprocessConfig
 from viq.configio import to_dict
 from viq.image import load_image, preprocess
 from viq.tokenizer import ViQTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(spec: str | os.PathLike | ViQTokenizer) -> ViQTokenizer:
-    """A ViQTokenizer instance, a saved tokenizer directory, or a preset name (random weights, seeded)."""
-    if isinstance(spec, ViQTokenizer):
-        return spec
-    if Path(spec).is_dir():
-        return ViQTokenizer.from_pretrained(spec)
-    if str(spec) in PRESETS:
-        return ViQTokenizer.from_preset(str(spec))
-    raise ValueError(f"tokenizer {str(spec)!r} is neither a tokenizer directory nor a preset ({sorted(PRESETS)})")
 
 
 # ------------------------------------------------------------------------------------- images
@@ -270,7 +260,7 @@ def extract(
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-    tok = load_tokenizer(tokenizer)
+    tok = load_viq(tokenizer)
     identity = tokenizer_identity(tok)  # before any dtype change: the identity is of the weights as saved
     base = _settings(tok, preprocess)
     if device is not None or dtype is not None:

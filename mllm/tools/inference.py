@@ -32,8 +32,10 @@ from mllm.data.chat import split_segments
 from mllm.data.codes import image_settings
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef
+from mllm.model.layout import LLM_DIR, MLLM_CONFIG, VIQ_DIR, VISUAL_WEIGHTS
 from mllm.model.mllm import MLLM
-from mllm.train.checkpoint import LLM_DIR, MLLM_CONFIG, VIQ_DIR, VISUAL_WEIGHTS, is_peft, load_checkpoint_weights
+from mllm.model.viq_loader import load_viq
+from mllm.train.checkpoint import is_peft, load_checkpoint_weights
 from viq.config import PreprocessConfig
 from viq.image import load_image, patch_grid, preprocess
 from viq.tokenizer import Codes, ViQTokenizer
@@ -108,13 +110,11 @@ def load_vis_tokenizer(model_dir: str | Path, recipe: RecipeConfig | None = None
     rebuilt with the run's seed, or a directory). Its ``encode`` does not use the embedder, so the
     codes are the training codes even when the checkpoint trained the embedder.
     """
-    from mllm.model.build import load_viq
-
     root = Path(model_dir)
     kind = model_dir_kind(root)
     recipe = recipe or load_recipe(root / MLLM_CONFIG)
-    tok = ViQTokenizer.from_pretrained(root / VIQ_DIR) if kind == "export" \
-        else load_viq(recipe.model.tokenizer, seed=recipe.train.seed)
+    tok = load_viq(root / VIQ_DIR) if kind == "export" \
+        else load_viq(recipe.model.tokenizer, seed=recipe.train.seed, what="model.tokenizer")
     return tok.to(resolve_device(device)).eval()
 
 

@@ -27,15 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm.config import RecipeConfig, TrainableConfig, load_recipe, save_recipe
-from mllm.model.build import BuiltModel, build_mllm, load_viq
+from mllm.model.build import BuiltModel, build_mllm
+from mllm.model.layout import ADAPTER_WEIGHTS, LLM_DIR, MLLM_CONFIG, VIQ_DIR, VISUAL_WEIGHTS
+from mllm.model.viq_loader import load_viq
 
 log = logging.getLogger(__name__)
 
-MLLM_CONFIG = "mllm_config.yaml"
-VISUAL_WEIGHTS = "visual.safetensors"
-LLM_DIR = "llm"
-VIQ_DIR = "viq_tokenizer"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # MLLM visual keys -> ViQ tokenizer keys (the discrete embedder lives inside the tokenizer's head)
 VISUAL_TO_VIQ = (("visual.encoder.", "encoder."), ("visual.head.", "head."),
                  ("visual.embedder.", "head.embedder."))
@@ -147,7 +144,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | No
 
 
 def _export_viq(cfg: RecipeConfig, visual_state: dict[str, torch.Tensor], out: Path) -> None:
-    viq = load_viq(cfg.model.tokenizer, seed=cfg.train.seed)
+    viq = load_viq(cfg.model.tokenizer, seed=cfg.train.seed, what="model.tokenizer")
     mapped = {}
     for key, value in visual_state.items():
         for src, dst in VISUAL_TO_VIQ:

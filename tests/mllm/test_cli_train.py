@@ -12,7 +12,7 @@ import pytest
 from mllm_helpers import RECIPES, REPO, debug_overrides, read_log, step_losses
 
 from mllm.cli import DELEGATED, _strip_local_rank, main
-from mllm.train.checkpoint import LLM_DIR, MLLM_CONFIG, VISUAL_WEIGHTS
+from mllm.model.layout import LLM_DIR, MLLM_CONFIG, VISUAL_WEIGHTS
 
 
 def test_debug_recipe_trains_and_loss_falls(demo_data, tmp_path):

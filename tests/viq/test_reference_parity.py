@@ -33,11 +33,11 @@ from viq.convert.reference import (
     reference_rules,
     reference_tokenizer,
 )
-from viq.convert.vae import vae_available
 from viq.encoder import cu_from_grids
 from viq.image import preprocess
 from viq.quantize import FSQ_PRESETS
 from viq.tokenizer import Codes, ViQTokenizer
+from viq.vae import vae_available
 
 FIXTURE = "reference-16k-d2-seed0.npz"
 TOOL = "tools/reference_weights.py"

@@ -1,4 +1,4 @@
-"""viq.convert.vae on a tiny random Qwen-Image VAE (diffusers' AutoencoderKLQwenImage), and the latent path
+"""viq.vae on a tiny random Qwen-Image VAE (diffusers' AutoencoderKLQwenImage), and the latent path
 of ViQTokenizer.decode. The parity against the authors' pictures lives in test_reference_parity.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from viq import Codes, ViQTokenizer
 from viq.config import DecoderConfig, preset
-from viq.convert.vae import decode_latents, load_qwen_image_vae_decoder, load_vae, save_vae, vae_available
+from viq.vae import decode_latents, load_qwen_image_vae_decoder, load_vae, save_vae, vae_available
 
 TINY = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_scales": [],
         "temperal_downsample": [False, True, True]}
@@ -42,7 +42,7 @@ needs_diffusers = pytest.mark.skipif(not vae_available(), reason='diffusers is o
 
 
 def test_loading_without_diffusers_explains(monkeypatch):
-    monkeypatch.setattr("viq.convert.vae.vae_available", lambda: False)
+    monkeypatch.setattr("viq.vae.vae_available", lambda: False)
     with pytest.raises(ValueError, match=r'pip install "viq\[reference\]"'):
         load_qwen_image_vae_decoder({}, TINY)
 

@@ -4,7 +4,7 @@
 ``embedder.pth`` and ``index_drawer.pth`` (bf16: their IndexEmbeder, and it again plus the latent head).
 Every tensor has one explicit rule: loaded, or (a copy) checked equal after bf16 rounding to the tensor
 loaded, or external: the Qwen-Image VAE (``vae_head.vae.*``), whose decoder half is loaded from the drawer
-file into ``ViQTokenizer.vae`` when diffusers is installed (viq.convert.vae; its encoder half is unused).
+file into ``ViQTokenizer.vae`` when diffusers is installed (viq.vae; its encoder half is unused).
 Anything missing, unexpected, mis-shaped or inconsistent is a ValueError naming file and tensor.
 The configuration reproduces their numerics: exact GELU, LayerNorm eps 1e-6 (1e-5 for the affine-free
 pre-norm and the residual MLPs), the position table resized bilinearly without antialias, RoPE angles
@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from viq.config import DecoderConfig, EncoderConfig, PreprocessConfig, TokenizerConfig, preset
-from viq.convert.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
+from viq.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
 from viq.quantize import FSQ, FSQ_PRESETS
 from viq.tokenizer import ViQTokenizer, load_strict, skip_weight_init
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mllm.config import load_recipe
+from mllm.model.layout import VIQ_DIR
 from mllm.stages.init import load_stage_tokenizer, stage_tokenizer_config
-from mllm.train.checkpoint import VIQ_DIR
 from viq.config import preset
 from viq.quantize import FSQ
 from viq.tokenizer import ViQTokenizer

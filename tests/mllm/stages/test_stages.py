@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from mllm.cli import main
 from mllm.config import load_recipe
 from mllm.data.packing import collate_packed
+from mllm.model.layout import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
 from mllm.stages.areas import area_sampler
 from mllm.stages.llm_stage import build_stage_model
 from mllm.stages.metrics import StageMetrics, codebook_stats
 from mllm.stages.report import REPORT_FILE
 from mllm.stages.run import dry_run, run_chain
-from mllm.train.checkpoint import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
 from mllm.train.trainer import build_datasets, prepare_trainer
 from viq.configio import ConfigError
 from viq.tokenizer import ViQTokenizer

@@ -13,7 +13,8 @@ from mllm.data.dataset import SupervisedDataset
 from mllm.data.packing import collate_packed
 from mllm.data.readers import read_samples
 from mllm.model.build import build_mllm
-from mllm.train.checkpoint import LLM_DIR, VIQ_DIR, load_checkpoint_weights, load_exported
+from mllm.model.layout import LLM_DIR, VIQ_DIR
+from mllm.train.checkpoint import load_checkpoint_weights, load_exported
 
 
 def _packed_batch(built, demo) -> dict:
