@@ -8,6 +8,8 @@ the relative location in the image (viq-reference.md §1.3). Attention is block-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -50,6 +52,16 @@ def cu_from_grids(grids: list[tuple[int, int]], device) -> tuple[torch.Tensor, i
     return cu.to(device), max(lengths)
 
 
+@dataclass
+class PackedTrunk:
+    """The trunk output of a batch of images packed along one axis, with the layout every consumer needs."""
+
+    trunk_ND: torch.Tensor  # before the final norm (the quantization head's input)
+    grids: list[tuple[int, int]]  # per image (h, w) patch grid
+    cu: torch.Tensor  # cumulative patch counts [B + 1] (varlen attention)
+    max_len: int  # patches of the largest image
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -85,13 +97,19 @@ class Encoder(nn.Module):
         x_ND = self.embed(patches_NP, grids)
         return run_blocks(self.blocks, x_ND, cu, max_len, self.grad_checkpointing and self.training)
 
+    def forward_pixels(self, images: list[torch.Tensor]) -> PackedTrunk:
+        """Normalised [3, H, W] images of any sizes -> their packed trunk output, in one forward that
+        computes only real patches (the images go to the encoder's device)."""
+        patches, grids = patchify(list(images), self.cfg.patch_size)
+        dev = self.pos_embed.device
+        cu, max_len = cu_from_grids(grids, dev)
+        return PackedTrunk(self.forward_packed(patches.to(dev), grids, cu, max_len), grids, cu, max_len)
+
     def forward_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Normalised [3, H, W] images -> per-image final-norm features ``[h*w, D]``: the equivalent of
         transformers' ``last_hidden_state`` on the valid patches."""
-        patches, grids = patchify(images, self.cfg.patch_size)
-        cu, max_len = cu_from_grids(grids, patches.device)
-        x_ND = self.norm(self.forward_packed(patches, grids, cu, max_len))
-        return list(x_ND.split([h * w for h, w in grids]))
+        out = self.forward_pixels(images)
+        return list(self.norm(out.trunk_ND).split([h * w for h, w in out.grids]))
 
     def pool(self, x_ND: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
         """MAP pooling of packed features (final norm applied here), one vector per image ``[B, D]``."""

@@ -20,11 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from viq.config import TokenizerConfig, preset, tokenizer_config_from_dict
 from viq.configio import to_dict
 from viq.decoder import PixelDecoder
-from viq.encoder import Encoder, cu_from_grids, patchify
+from viq.encoder import Encoder, cu_from_grids
 from viq.head import HeadOutput, QuantizationHead
 from viq.image import preprocess
 
@@ -145,10 +146,8 @@ class ViQTokenizer(nn.Module):
         """Normalised images -> head output for all of them in one packed forward."""
         if not pixels:
             raise ValueError("no images given")
-        patches, grids = patchify(pixels, self.cfg.encoder.patch_size)
-        cu, max_len = cu_from_grids(grids, self.device)
-        trunk = self.encoder.forward_packed(patches.to(self.device), grids, cu, max_len)
-        return TokenizerOutput(self.head(trunk, grids, cu, max_len), grids, cu, max_len, trunk)
+        t = self.encoder.forward_pixels(pixels)
+        return TokenizerOutput(self.head(t.trunk_ND, t.grids, t.cu, t.max_len), t.grids, t.cu, t.max_len, t.trunk_ND)
 
     @torch.inference_mode()
     def encode(self, images: list[Any] | Any) -> list[Codes]:
@@ -160,14 +159,12 @@ class ViQTokenizer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            patches, grids = patchify(pixels, self.cfg.encoder.patch_size)
-            cu, max_len = cu_from_grids(grids, self.device)
-            trunk = self.encoder.forward_packed(patches.to(self.device), grids, cu, max_len)
-            _, indices, _ = self.head.quantize(trunk, grids, cu, max_len)
+            t = self.encoder.forward_pixels(pixels)
+            _, indices, _ = self.head.quantize(t.trunk_ND, t.grids, t.cu, t.max_len)
         finally:
             self.train(was_training)
-        parts = indices.reshape(-1).split([h * w * self.codes_per_patch for h, w in grids])
-        return [Codes(p.clone(), g) for p, g in zip(parts, grids, strict=True)]
+        parts = indices.reshape(-1).split([h * w * self.codes_per_patch for h, w in t.grids])
+        return [Codes(p.clone(), g) for p, g in zip(parts, t.grids, strict=True)]
 
     def embed(self, codes: Codes | list[Codes]) -> list[torch.Tensor]:
         """Codes -> per-patch features ``[h*w, C]`` per image (token-local, exact for any batching)."""
@@ -205,19 +202,31 @@ class ViQTokenizer(nn.Module):
         return [to_pil(o) for o in outs]
 
 
+# random initialisers a constructor calls; the Tensor methods catch the ones (trunc_normal_) that do not
+# dispatch as themselves
+_INITIALISERS = frozenset({
+    torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_, torch.nn.init.xavier_uniform_,
+    torch.nn.init.xavier_normal_, torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.trunc_normal_,
+    torch.nn.init.zeros_, torch.nn.init.ones_, torch.nn.init.constant_,
+    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_,
+})
+
+
+class _SkipInit(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def skip_weight_init() -> Iterator[None]:
-    """Skip the random init of Linear/Conv weights while building a model whose every tensor a strict
-    load overwrites next (about half the build time of the large presets). Not thread-safe."""
-    names = ("kaiming_uniform_", "uniform_", "trunc_normal_", "normal_", "zeros_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in saved:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    """Skip the random init of weights while building a model whose every persistent tensor a strict load
+    overwrites next (about half the build time of the large presets). A torch function mode: it acts on
+    this thread's calls inside the block only, and patches nothing."""
+    with _SkipInit():
         yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
 
 
 def to_pil(x_3HW: torch.Tensor) -> Image.Image:

@@ -24,7 +24,6 @@ from mllm.data.codes import tokenizer_identity
 from mllm.model.llm import IMAGE_TOKEN, LORA_TARGETS, load_llm
 from mllm.model.mllm import MLLM, VisualInput
 from mllm.model.viq_loader import load_viq
-from viq.encoder import cu_from_grids, patchify
 from viq.tokenizer import ViQTokenizer
 
 log = logging.getLogger(__name__)
@@ -58,11 +57,12 @@ class CodeEncoder(nn.Module):
         super().__init__()
         if tokenizer.head.fsq is None:
             raise ValueError(f"ViQ tokenizer {tokenizer.cfg.name!r} has a proximal head and yields no codes")
-        self.patch_size = tokenizer.cfg.encoder.patch_size
         self.encoder = tokenizer.encoder
-        self.head = tokenizer.head
-        # the embedder belongs to the MLLM (it may train); keep it out of this module's device moves
-        self.head.embedder = None
+        # the head's quantization path without its embedder: the embedder belongs to the MLLM (it may train,
+        # in fp32), so it must not follow this module's device, dtype or requires_grad changes. The head
+        # itself is held unregistered; its other children are registered here, the same module objects.
+        self.quantizer_parts = nn.ModuleDict({n: m for n, m in tokenizer.head.named_children() if n != "embedder"})
+        object.__setattr__(self, "head", tokenizer.head)
         self.requires_grad_(False)
         self.eval()
 
@@ -71,11 +71,8 @@ class CodeEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
-        patches, grids = patchify(list(pixel_values), self.patch_size)
-        dev = self.encoder.pos_embed.device
-        cu, max_len = cu_from_grids(grids, dev)
-        trunk = self.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
-        _, indices, _ = self.head.quantize(trunk, grids, cu, max_len)
+        t = self.encoder.forward_pixels(pixel_values)
+        _, indices, _ = self.head.quantize(t.trunk_ND, t.grids, t.cu, t.max_len)
         return indices.reshape(-1)
 
 
@@ -91,11 +88,8 @@ def build_visual(cfg: RecipeConfig, tokenizer: ViQTokenizer) -> tuple[VisualInpu
         if m.use_head and enc.cfg.width != tokenizer.cfg.encoder.width:
             raise ValueError(f"SigLIP2 width {enc.cfg.width} from {m.siglip2!r} does not match the ViQ head "
                              f"width {tokenizer.cfg.encoder.width} (model.use_head=true)")
-        tokenizer.encoder = enc
-    visual = VisualInput(tokenizer, "continuous", use_head=m.use_head)
-    # VisualInput reads widths from the tokenizer config, which still describes the replaced tower
-    visual.width, visual.patch_size = tokenizer.encoder.cfg.width, tokenizer.encoder.cfg.patch_size
-    return visual, None
+        return VisualInput(tokenizer, "continuous", use_head=m.use_head, encoder=enc), None
+    return VisualInput(tokenizer, "continuous", use_head=m.use_head), None
 
 
 def model_parts(model: MLLM) -> dict[str, nn.Module | None]:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from mllm.data.layout import num_image_tokens
 from mllm.model.projector import Projector
-from viq.encoder import cu_from_grids, patchify
+from viq.encoder import Encoder
 from viq.head import HeadOutput
 from viq.tokenizer import ViQTokenizer
 
@@ -45,21 +45,29 @@ class VisualInput(nn.Module):
     head too, so the LLM sees quantized features); without the head, the features are the encoder's
     final-norm output (SigLIP2's last_hidden_state). ``discrete``: codes -> the token-local code
     embedder; no pixels, no encoder.
+
+    The modules are the tokenizer's own (not copies); ``encoder`` replaces its tower (a SigLIP2 checkpoint
+    of the same patch layout), and ``keep_trace`` keeps each continuous forward's intermediates in
+    ``trace`` for the tokenizer stages' losses.
     """
 
-    def __init__(self, tokenizer: ViQTokenizer, mode: VisualMode, use_head: bool = False):
+    def __init__(self, tokenizer: ViQTokenizer, mode: VisualMode, use_head: bool = False, *,
+                 encoder: Encoder | None = None, keep_trace: bool = False):
         super().__init__()
         if mode not in ("continuous", "discrete"):
             raise ValueError(f"visual mode must be 'continuous' or 'discrete', got {mode!r}")
+        if encoder is not None and mode == "discrete":
+            raise ValueError("the discrete visual input runs no encoder: an encoder was given")
+        tower = encoder if encoder is not None else tokenizer.encoder
         self.mode = mode
         self.use_head = use_head
-        self.width = tokenizer.cfg.encoder.width
-        self.patch_size = tokenizer.cfg.encoder.patch_size
+        self.width = tower.cfg.width
+        self.patch_size = tower.cfg.patch_size
         self.codes_per_patch = tokenizer.cfg.head.expand
-        self.keep_trace = False
+        self.keep_trace = keep_trace
         self.trace: VisualTrace | None = None
         if mode == "continuous":
-            self.encoder = tokenizer.encoder
+            self.encoder = tower
             self.head = tokenizer.head if use_head else None
         else:
             self.embedder = tokenizer.head.embedder
@@ -69,15 +77,12 @@ class VisualInput(nn.Module):
             return self._from_codes(codes, image_grids)
         if pixel_values is None:
             raise ValueError("the continuous visual input needs pixel_values")
-        patches, grids = patchify(list(pixel_values), self.patch_size)
-        dev = self.encoder.pos_embed.device
-        cu, max_len = cu_from_grids(grids, dev)
-        trunk = self.encoder.forward_packed(patches.to(dev), grids, cu, max_len)
-        head = self.head(trunk, grids, cu, max_len) if self.use_head else None
-        feats = head.features if head is not None else self.encoder.norm(trunk)
+        t = self.encoder.forward_pixels(pixel_values)
+        head = self.head(t.trunk_ND, t.grids, t.cu, t.max_len) if self.use_head else None
+        feats = head.features if head is not None else self.encoder.norm(t.trunk_ND)
         if self.keep_trace:
-            self.trace = VisualTrace(trunk, head, grids, cu, max_len)
-        return list(feats.split([h * w for h, w in grids]))
+            self.trace = VisualTrace(t.trunk_ND, head, t.grids, t.cu, t.max_len)
+        return list(feats.split([h * w for h, w in t.grids]))
 
     def _from_codes(self, codes, image_grids) -> list[torch.Tensor]:
         if codes is None or image_grids is None:

@@ -30,7 +30,7 @@ from mllm.model.viq_loader import load_viq, names_viq
 from viq.config import PRESETS as VIQ_PRESETS
 from viq.config import TokenizerConfig, preset
 from viq.convert.keymap import KeyMapReport, apply_key_map
-from viq.encoder import Encoder, cu_from_grids, patchify
+from viq.encoder import Encoder
 from viq.tokenizer import ViQTokenizer
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,8 @@ class FrozenTeacher(nn.Module):
     def forward(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
         """Normalised [3, H, W] images -> MAP vectors ``[B, D]``."""
         dev = self.encoder.pos_embed.device
-        patches, grids = patchify([self.resized(x.to(dev)) for x in pixel_values], self.encoder.cfg.patch_size)
-        cu, max_len = cu_from_grids(grids, dev)
-        trunk = self.encoder.forward_packed(patches, grids, cu, max_len)
-        return self.encoder.pool(trunk, cu)
+        out = self.encoder.forward_pixels([self.resized(x.to(dev)) for x in pixel_values])
+        return self.encoder.pool(out.trunk_ND, out.cu)
 
 
 def build_teacher(stage: StageConfig, initial: Encoder, seed: int, dry_run: bool = False) -> FrozenTeacher:

@@ -88,7 +88,8 @@ class TokenizerStageModel(MLLM):
                              "(decoder: null in its config)")
         self.decoder = tokenizer.decoder if recon else None
         self.perceptual = perceptual if recon else None
-        visual.keep_trace = True
+        if not visual.keep_trace:
+            raise ValueError("a tokenizer stage reads the visual trace: build its VisualInput with keep_trace=True")
         self.aux_scale = aux_scale  # 1 / (grad_accum * world size) in training, see forward
         fsq = visual.use_head and tokenizer.head.fsq is not None
         self.metrics = StageMetrics(stage.metrics_window, tokenizer.codebook_size if fsq else None)
@@ -199,8 +200,7 @@ def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, 
     if adapter is not None:
         llm = merge_adapter(llm, adapter)
     llm.config.use_cache = False
-    visual = VisualInput(tok, "continuous", use_head=stage.kind != "stage1")
-    visual.width, visual.patch_size = tok.encoder.cfg.width, tok.encoder.cfg.patch_size
+    visual = VisualInput(tok, "continuous", use_head=stage.kind != "stage1", keep_trace=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
         model = TokenizerStageModel(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), tok, stage,

@@ -13,8 +13,6 @@ from collections import deque
 import torch
 from torch import nn
 
-from viq.encoder import cu_from_grids, patchify
-
 PIXEL_RANGE = 2.0  # images are normalised to [-1, 1]
 
 
@@ -30,20 +28,20 @@ def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float
             "code_perplexity": float(torch.exp(-(p * p.log()).sum()))}
 
 
+def noisy_pixels(pixel_values: list[torch.Tensor], sigma: float, seed: int) -> list[torch.Tensor]:
+    """The perturbation of code stability: N(0, sigma^2) noise on every pixel, clamped to [-1, 1]. It is
+    drawn on the CPU with a seeded generator, so a measurement is reproducible on any device."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(x.detach().float().cpu() + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+            for x in pixel_values]
+
+
 @torch.no_grad()
 def code_stability(encoder: nn.Module, head: nn.Module, pixel_values: list[torch.Tensor],
                    indices_NE: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
-    """Fraction of codes unchanged when N(0, sigma^2) noise is added to every pixel (clamped to
-    [-1, 1]); costs one more tower forward without gradients. The noise is drawn on the CPU with a
-    seeded generator, so a run is reproducible on any device."""
-    gen = torch.Generator().manual_seed(seed)
-    noisy = [(x.detach().float().cpu() + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
-             for x in pixel_values]
-    patches, grids = patchify(noisy, encoder.cfg.patch_size)
-    dev = encoder.pos_embed.device
-    cu, max_len = cu_from_grids(grids, dev)
-    trunk = encoder.forward_packed(patches.to(dev), grids, cu, max_len)
-    _, noisy_NE, _ = head.quantize(trunk, grids, cu, max_len)
+    """Fraction of codes unchanged under ``noisy_pixels``; costs one more tower forward without gradients."""
+    t = encoder.forward_pixels(noisy_pixels(pixel_values, sigma, seed))
+    _, noisy_NE, _ = head.quantize(t.trunk_ND, t.grids, t.cu, t.max_len)
     return (noisy_NE == indices_NE).float().mean()
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from mllm.data.readers import ImageRef, dataset_images, read_samples
 from mllm.model.viq_loader import load_viq
-from mllm.stages.metrics import PIXEL_RANGE, codebook_stats
+from mllm.stages.metrics import PIXEL_RANGE, codebook_stats, noisy_pixels
 from mllm.tools.inference import Request, generate_batch, preprocess_image
 from viq.image import normalize
 from viq.tokenizer import ViQTokenizer
@@ -300,9 +300,7 @@ def tokenizer_metrics(vis_tokenizer: ViQTokenizer, images: Sequence[Any], *, noi
         raise ValueError(f"none of the {len(images)} images could be read")
     codes = _encode_batches(vis_tokenizer, pixels, batch_size)
     stats = code_statistics(codes, vis_tokenizer.codebook_size)
-    gen = torch.Generator().manual_seed(seed)
-    noisy = [(x + noise_sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1) for x in pixels]
-    noisy_codes = _encode_batches(vis_tokenizer, noisy, batch_size)
+    noisy_codes = _encode_batches(vis_tokenizer, noisy_pixels(pixels, noise_sigma, seed), batch_size)
     same = sum(int((a.indices == b.indices).sum()) for a, b in zip(codes, noisy_codes, strict=True))
     stats["code_stability"] = same / sum(c.indices.numel() for c in codes)
     stats.update(reconstruction_metrics(vis_tokenizer, codes, pixels, batch_size))

@@ -138,3 +138,23 @@ def test_packing_matches_per_image_trunk(tok, images):
             p, g = patchify([img], 16)
             c, m = cu_from_grids(g, "cpu")
             assert torch.allclose(part, tok.encoder.forward_packed(p, g, c, m), atol=1e-5)
+
+
+def test_skip_weight_init_is_scoped():
+    # a torch function mode, not a patch of torch.nn.init: the module's functions stay the same objects,
+    # another thread initialises normally meanwhile, and nothing is skipped after the block
+    import threading
+
+    from viq.tokenizer import skip_weight_init
+
+    before = torch.nn.init.uniform_
+    other: list[torch.Tensor] = []
+    with skip_weight_init():
+        assert torch.nn.init.uniform_ is before
+        skipped = torch.nn.init.uniform_(torch.zeros(64))
+        thread = threading.Thread(target=lambda: other.append(torch.nn.init.uniform_(torch.zeros(64))))
+        thread.start()
+        thread.join()
+    assert torch.count_nonzero(skipped) == 0
+    assert torch.count_nonzero(other[0]) > 0
+    assert torch.count_nonzero(torch.nn.init.uniform_(torch.zeros(64))) > 0

@@ -88,3 +88,26 @@ def test_projector_calibration_on_the_training_codes(demo_data, tmp_path):
         y = trainer.model.projector.proj1(torch.cat(feats))
     torch.testing.assert_close(y.mean(0), torch.zeros(y.shape[1]), atol=1e-4, rtol=0)
     torch.testing.assert_close(y.std(0), torch.ones(y.shape[1]), atol=1e-3, rtol=0)
+
+
+def test_building_the_visual_side_leaves_the_tokenizer_as_it_was():
+    # CodeEncoder and VisualInput hold the tokenizer's modules; neither replaces or removes any of them
+    import torch
+
+    from mllm.model.build import CodeEncoder
+    from mllm.model.mllm import VisualInput
+    from viq import ViQTokenizer
+    from viq.encoder import Encoder
+
+    tok = ViQTokenizer.from_preset("debug", seed=0)
+    children = dict(tok.named_modules())
+    image = torch.rand(3, 64, 96) * 2 - 1
+    codes = tok.encode([image])[0]
+    enc = CodeEncoder(tok).to(torch.float64)  # a dtype move of the code encoder must not reach the embedder
+    other = Encoder(tok.cfg.encoder)
+    visual = VisualInput(tok, "continuous", encoder=other)
+    assert dict(tok.named_modules()).keys() == children.keys()
+    assert all(children[k] is m for k, m in tok.named_modules())
+    assert tok.head.embedder.project_out.weight.dtype == torch.float32
+    assert visual.encoder is other and tok.encoder is children["encoder"]
+    assert torch.equal(enc([image.double()]), codes.indices)
