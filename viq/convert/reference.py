@@ -27,9 +27,9 @@ import torch
 from torch.nn import functional as F
 
 from viq.config import DecoderConfig, EncoderConfig, PreprocessConfig, TokenizerConfig, preset
-from viq.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
 from viq.quantize import FSQ, FSQ_PRESETS
 from viq.tokenizer import ViQTokenizer, load_strict, skip_weight_init
+from viq.vae import DECODER_PREFIXES, load_qwen_image_vae_decoder, vae_available
 
 log = logging.getLogger(__name__)
 
