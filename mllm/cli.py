@@ -24,6 +24,8 @@ TRAIN_HELP = """Train an MLLM from a recipe. Overrides are dotted key=value pair
 Stable keys: model.llm (preset name, local HF directory or hub id), train.output_dir, train.max_steps.
 Resume with train.resume=true (last checkpoint in train.output_dir) or
 train.resume_from_checkpoint=DIR.
+RECIPE is a file, or a packaged recipe by name (debug/sft_lora); a recipe may derive from another with
+`base: OTHER.yaml`, and data.train may name a data set descriptor (data/README.md).
 A recipe with a `stage` section trains the ViQ tokenizer instead (stage.kind: stage1, proximal, fsq,
 decoder; see recipes/tokenizer/); each stage writes train.output_dir/viq_tokenizer."""
 
@@ -91,9 +93,22 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mllm.config import load_recipe
+    from mllm.data.descriptors import MissingDataError, resolve_data
+
+    try:
+        # printing a recipe needs no data on disk; training does, and says how to get it
+        cfg = resolve_data(load_recipe(args.recipe, args.overrides), check_files=not args.print_config)
+    except MissingDataError as err:
+        raise SystemExit(f"viq train: {err}") from None
+    if args.print_config:
+        import yaml
+
+        from viq.configio import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     from mllm.train.trainer import run_training
 
-    cfg = load_recipe(args.recipe, args.overrides)
     if cfg.data.demo:
         from mllm.demo.data import prepare_recipe_data
 
@@ -127,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", help="recipe YAML (recipes/<family>/<stage>.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved recipe (bases merged, overrides applied, data set names resolved, "
+                            "validated) as YAML and exit without training")
     train.set_defaults(func=cmd_train)
     export = sub.add_parser("export", help="merge LoRA and export a self-describing MLLM directory",
                             description=EXPORT_HELP)

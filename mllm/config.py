@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from viq.config import PreprocessConfig
 from viq.configio import ConfigError, dump_yaml, load_config
 
 Part = Literal["tower", "head", "embedder", "projector", "llm", "decoder"]
@@ -77,20 +78,21 @@ class DataConfig:
     eval: str | None = None
     max_seq_len: int = 2048
     packing: bool = True  # padding-free packing (one packed row per device batch)
-    image_mode: Literal["resize", "none", "square_crop"] = "resize"
-    image_area: int = 384 * 384
-    image_multiple: int = 32
-    min_area: int | None = None
-    max_area: int | None = None
+    # how every image becomes pixels (viq.image.preprocess), for training, extraction, evaluation and inference;
+    # saved with the model in its recipe, checked against the codes' own settings when data.codes is set
+    image: PreprocessConfig = field(default_factory=PreprocessConfig)
     strict: bool = False  # raise on a bad sample instead of skipping it (counted, logged)
     codes: str | None = None  # a `viq extract` output directory: train from stored codes, no image decoding
     demo: bool = False  # generate the bundled demo data set into train's folder when train is missing
     demo_samples: int = 1000  # training samples of a generated demo set (val and test get a tenth)
 
     def __post_init__(self):
-        for name in ("max_seq_len", "image_area", "image_multiple", "demo_samples"):
+        for name in ("max_seq_len", "demo_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        for name in ("area", "multiple"):
+            if getattr(self.image, name) <= 0:
+                raise ConfigError(f"data.image.{name} must be positive, got {getattr(self.image, name)}")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,16 @@
 """Native-resolution image preprocessing for the ViQ encoder (Pillow + numpy + torch only).
 
 The encoder sees each image at (close to) its own aspect ratio: an area-preserving resize to sides
-that are multiples of `multiple` (32 by default, so the 16-pixel patch grid is even, which the MLLM
+that are multiples of `multiple` (32 by default, so a 16-pixel patch grid is even, which the MLLM
 projector's 2x2 pooling needs), a normalisation to [-1, 1] with mean = std = 0.5, and a zero pad to
 whole patches (zero is mid-grey after normalisation). The ViQ authors' two input paths are
 reproduced bit for bit: their processor (normalise only, then pad) and their demo's square crop.
 
 Shape legend:
     x_3HW   normalised image, 3 channels, H x W pixels (float32, values in [-1, 1])
-    (h, w)  patch grid: h = ceil(H / PATCH_SIZE), w = ceil(W / PATCH_SIZE)
-PIL sizes are (width, height); tensors and grids are (height, width).
+    (h, w)  patch grid: h = ceil(H / p), w = ceil(W / p) for the encoder's patch size p
+PIL sizes are (width, height); tensors and grids are (height, width). The patch size is always the
+encoder's (EncoderConfig.patch_size), passed in by the caller: SigLIP-style towers come in 14 and 16.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-PATCH_SIZE = 16
 MODES = ("resize", "none", "square_crop")
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -107,13 +107,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError(f"cannot convert image mode {mode!r} to RGB: {err}") from err
 
 
-def _check_multiple(multiple: int) -> None:
+def check_multiple(multiple: int, patch_size: int) -> None:
+    """A resize multiple must give whole patches: the patch size itself, or a multiple of two patches
+    (an even patch grid, which the projector's 2x2 pooling needs)."""
     ok = isinstance(multiple, numbers.Integral) and multiple > 0
-    if not ok or (multiple != PATCH_SIZE and multiple % (2 * PATCH_SIZE) != 0):
+    if not ok or (multiple != patch_size and multiple % (2 * patch_size) != 0):
         raise ValueError(
-            f"multiple must be {PATCH_SIZE} or a positive multiple of {2 * PATCH_SIZE} "
-            f"(an even patch grid for 2x2 pooling), got {multiple!r}"
+            f"multiple must be {patch_size} or a positive multiple of {2 * patch_size} "
+            f"(an even grid of {patch_size}-pixel patches for 2x2 pooling), got {multiple!r}"
         )
+
+
+def _check_patch_size(patch_size: int) -> None:
+    if not isinstance(patch_size, numbers.Integral) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
 
 
 def _snap(x: float, multiple: int, how: str) -> int:
@@ -182,7 +189,8 @@ def resize_area(
     inside the bounds the one nearest the bound wins (ties: nearest aspect), so a max_area result
     is in practice floored. ValueError if the grid leaves no size inside the bounds.
     """
-    _check_multiple(multiple)
+    if not isinstance(multiple, numbers.Integral) or multiple <= 0:
+        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
     _check_resize_args(width, height, area, min_area, max_area)
     size = _fit(int(width), int(height), area, multiple, "round")
     lo = 0 if min_area is None else min_area
@@ -192,11 +200,12 @@ def resize_area(
     return _bounded(int(width), int(height), size, multiple, lo, hi)
 
 
-def patch_grid(height: int, width: int) -> tuple[int, int]:
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
     """Patch grid (h, w) of an H x W image once zero-padded to whole patches."""
     if not all(isinstance(v, numbers.Integral) and v > 0 for v in (height, width)):
         raise ValueError(f"image size must be positive integers, got height={height}, width={width}")
-    return -(-int(height) // PATCH_SIZE), -(-int(width) // PATCH_SIZE)
+    _check_patch_size(patch_size)
+    return -(-int(height) // patch_size), -(-int(width) // patch_size)
 
 
 def normalize(img: Image.Image | np.ndarray) -> torch.Tensor:
@@ -222,7 +231,7 @@ def _as_uint8_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb(img), dtype=np.uint8)
 
 
-def pad_to_multiple(x_3HW: torch.Tensor, multiple: int = PATCH_SIZE) -> torch.Tensor:
+def pad_to_multiple(x_3HW: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the last two dims (H, W) on the bottom/right to multiples of `multiple`."""
     if not isinstance(multiple, int) or multiple <= 0:
         raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
@@ -271,6 +280,7 @@ def _as_pil(image) -> Image.Image:
 def preprocess(
     image,
     *,
+    patch_size: int,
     mode: str = "resize",
     area: float = 384 * 384,
     multiple: int = 32,
@@ -285,20 +295,43 @@ def preprocess(
     """
     if mode not in MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {MODES}")
+    _check_patch_size(patch_size)
     img = to_rgb(_as_pil(image))
     if mode == "resize":
+        check_multiple(multiple, patch_size)
         size = resize_area(img.width, img.height, area, multiple, min_area, max_area)
         if size != img.size:
             img = img.resize(size, resample=Image.Resampling.BICUBIC)
         x_3HW = normalize(img)
     elif mode == "none":
-        if img.width < PATCH_SIZE or img.height < PATCH_SIZE:
-            raise ValueError(
-                f"image of size {img.width}x{img.height} is smaller than one {PATCH_SIZE}-pixel patch"
-            )
-        x_3HW = pad_to_multiple(normalize(img), PATCH_SIZE)
+        check_min_size(img.width, img.height, patch_size)
+        x_3HW = pad_to_multiple(normalize(img), patch_size)
     else:
         if not (_is_real(area) and area >= 1):
             raise ValueError(f"area must be at least 1 for square_crop, got {area!r}")
-        x_3HW = pad_to_multiple(normalize(reference_square_crop(img, int(math.sqrt(area)))), PATCH_SIZE)
-    return x_3HW, patch_grid(x_3HW.shape[-2], x_3HW.shape[-1])
+        x_3HW = pad_to_multiple(normalize(reference_square_crop(img, int(math.sqrt(area)))), patch_size)
+    return x_3HW, patch_grid(x_3HW.shape[-2], x_3HW.shape[-1], patch_size)
+
+
+def check_min_size(width: int, height: int, patch_size: int) -> None:
+    """An image kept at its native size ("none") must hold at least one whole patch."""
+    if width < patch_size or height < patch_size:
+        raise ValueError(f"image of size {width}x{height} is smaller than one {patch_size}-pixel patch")
+
+
+def predict_grid(width: int, height: int, *, patch_size: int, mode: str = "resize", area: float = 384 * 384,
+                 multiple: int = 32, min_area: float | None = None, max_area: float | None = None
+                 ) -> tuple[int, int]:
+    """The patch grid ``preprocess`` gives a width x height image, from its size alone (no decoding)."""
+    _check_patch_size(patch_size)
+    if mode == "resize":
+        check_multiple(multiple, patch_size)
+        new_w, new_h = resize_area(width, height, area, multiple, min_area, max_area)
+        return patch_grid(new_h, new_w, patch_size)
+    if mode == "none":
+        check_min_size(width, height, patch_size)
+        return patch_grid(height, width, patch_size)
+    if mode == "square_crop":
+        side = int(math.sqrt(area))
+        return patch_grid(side, side, patch_size)
+    raise ValueError(f"unknown image mode {mode!r}; expected one of {MODES}")

@@ -9,6 +9,7 @@ A tokenizer directory holds ``config.json`` (the full config tree) and ``model.s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,8 +138,7 @@ class ViQTokenizer(nn.Module):
             if isinstance(img, torch.Tensor):
                 out.append(img)
             else:
-                x, _ = preprocess(img, mode=p.mode, area=p.area, multiple=p.multiple,
-                                  min_area=p.min_area, max_area=p.max_area)
+                x, _ = preprocess(img, patch_size=self.cfg.encoder.patch_size, **dataclasses.asdict(p))
                 out.append(x)
         return out
 

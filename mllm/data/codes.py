@@ -19,11 +19,9 @@ Shapes: L expanded token length; codes per image [h*w*E]; image_grids [n_img, 2]
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,13 +36,12 @@ from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef, Sample, read_samples
 from viq.config import PreprocessConfig
 from viq.configio import to_dict
-from viq.image import PATCH_SIZE
 from viq.tokenizer import ViQTokenizer
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "viq-codes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the encoder's patch_size
 UINT16_MAX_CODEBOOK = 1 << 16
 
 
@@ -82,20 +79,6 @@ def default_image_root(dataset_path: str | os.PathLike) -> Path:
     if path.suffix.lower() == ".tar":
         return path.with_name(path.stem + "_images")
     return path.parent
-
-
-def image_settings(ref: ImageRef, base: PreprocessConfig) -> PreprocessConfig:
-    """The preprocessing an image gets: the base settings with the reference's own overrides.
-
-    A per-image multiple is widened to an even patch count, as mllm.data.dataset does, so that the
-    2x2 pooling projector can take the grid.
-    """
-    out = base
-    if ref.resize is not None:
-        out = dataclasses.replace(out, area=ref.resize)
-    if ref.multiple is not None:
-        out = dataclasses.replace(out, multiple=math.lcm(int(ref.multiple), 2 * PATCH_SIZE))
-    return out
 
 
 def image_key(ref: ImageRef, image_root: str | os.PathLike) -> str:
@@ -137,6 +120,9 @@ class CodeStore:
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {self.manifest.get('format_version')!r}, this version "
+                             f"reads {FORMAT_VERSION}: extract the codes again with viq extract")
         if expected_tokenizer is not None:
             self.check_tokenizer(expected_tokenizer)
         keys, grids, codes, lengths = [], [], [], []
@@ -160,8 +146,13 @@ class CodeStore:
         return self.manifest["tokenizer"]
 
     @property
-    def preprocess(self) -> dict:
-        return self.manifest["preprocess"]
+    def image(self) -> PreprocessConfig:
+        """The preprocessing the codes were extracted with."""
+        return PreprocessConfig(**self.manifest["preprocess"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.manifest["patch_size"])
 
     @property
     def codes_per_patch(self) -> int:
@@ -240,15 +231,11 @@ class CodesDataset(SupervisedDataset):
         # set before the parent's __init__, which prepares every sample through self._grid
         self.store = store
         self.image_root = Path(image_root)
-        p = store.preprocess
         super().__init__(
             samples,
             tokenizer,
-            image_mode=p["mode"],
-            image_area=p["area"],
-            image_multiple=p["multiple"],
-            min_area=p["min_area"],
-            max_area=p["max_area"],
+            patch_size=store.patch_size,
+            image=store.image,
             max_seq_len=max_seq_len,
             strict=strict,
             image_token=image_token,

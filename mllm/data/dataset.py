@@ -24,6 +24,7 @@ Shapes: L expanded token length; x_3HW one normalised image; grids [n_img, 2] as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -37,7 +38,8 @@ from PIL import Image
 from mllm.data.chat import IGNORE_INDEX, ConversationError, render_conversation
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef, Sample
-from viq.image import MODES, PATCH_SIZE, load_image, patch_grid, preprocess, resize_area
+from viq.config import PreprocessConfig
+from viq.image import MODES, load_image, predict_grid, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +63,18 @@ class PreparedSample:
     meta: dict = field(default_factory=dict)
 
 
-def image_grid(width: int, height: int, mode: str, area: float, multiple: int, min_area=None, max_area=None):
-    """Patch grid (h, w) that `viq.image.preprocess` gives an image of this size, without decoding it."""
-    if mode == "resize":
-        new_w, new_h = resize_area(width, height, area, multiple, min_area, max_area)
-        return patch_grid(new_h, new_w)
-    if mode == "none":
-        if width < PATCH_SIZE or height < PATCH_SIZE:
-            raise ValueError(f"image of size {width}x{height} is smaller than one {PATCH_SIZE}-pixel patch")
-        return patch_grid(height, width)
-    if mode == "square_crop":
-        side = int(math.sqrt(area))
-        return patch_grid(side, side)
-    raise ValueError(f"unknown image mode {mode!r}; expected one of {MODES}")
+def image_settings(ref: ImageRef, base: PreprocessConfig, patch_size: int) -> PreprocessConfig:
+    """The preprocessing one image gets: the base settings with the reference's own overrides.
 
-
-def _even_multiple(multiple: int) -> int:
-    # a per-image multiple such as ViQ's "384x16" can give an odd patch grid, which the 2x2 pooling
-    # projector cannot take; the smallest common multiple with two patches keeps the grid even
-    return math.lcm(int(multiple), 2 * PATCH_SIZE)
+    A per-image multiple such as ViQ's "384x16" can give an odd patch grid, which the 2x2 pooling
+    projector cannot take; it is widened to its least common multiple with two patches.
+    """
+    out = base
+    if ref.resize is not None:
+        out = dataclasses.replace(out, area=ref.resize)
+    if ref.multiple is not None:
+        out = dataclasses.replace(out, multiple=math.lcm(int(ref.multiple), 2 * patch_size))
+    return out
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -90,17 +85,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         samples: Iterable[Sample],
         tokenizer,
         *,
-        image_mode: str = "resize",
-        image_area: float = 384 * 384,
-        image_multiple: int = 32,
-        min_area: float | None = None,
-        max_area: float | None = None,
+        patch_size: int,
+        image: PreprocessConfig,
         max_seq_len: int = 2048,
         strict: bool = False,
         image_token: str = IMAGE_TOKEN,
     ):
-        if image_mode not in MODES:
-            raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {MODES}")
+        if image.mode not in MODES:
+            raise ValueError(f"unknown image mode {image.mode!r}; expected one of {MODES}")
         if not isinstance(max_seq_len, int) or max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if image_token not in tokenizer.get_vocab():
@@ -108,13 +100,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.image_kwargs = {
-            "mode": image_mode,
-            "area": image_area,
-            "multiple": image_multiple,
-            "min_area": min_area,
-            "max_area": max_area,
-        }
+        self.image, self.patch_size = image, patch_size
         self.max_seq_len = max_seq_len
         self.strict = strict
         self.skipped: Counter = Counter()
@@ -145,12 +131,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return records
 
     def _image_args(self, ref: ImageRef) -> dict:
-        kwargs = dict(self.image_kwargs)
-        if ref.resize is not None:
-            kwargs["area"] = ref.resize
-        if ref.multiple is not None:
-            kwargs["multiple"] = _even_multiple(ref.multiple)
-        return kwargs
+        settings = image_settings(ref, self.image, self.patch_size)
+        return {"patch_size": self.patch_size, **dataclasses.asdict(settings)}
 
     def _grid(self, ref: ImageRef) -> tuple[int, int]:
         if not ref.path.is_file():
@@ -161,7 +143,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise SampleError("corrupt image", f"cannot read image {str(ref.path)!r}: {err}") from err
         try:
-            grid = image_grid(width, height, **self._image_args(ref))
+            grid = predict_grid(width, height, **self._image_args(ref))
             num_image_tokens(*grid)
         except ValueError as err:
             raise SampleError("bad image size", f"image {str(ref.path)!r} ({width}x{height}): {err}") from err

@@ -10,6 +10,7 @@ Settings are a small recipe (``recipes/demo/default.yaml``; ``recipes/demo/ci.ya
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,23 +18,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mllm.config import load_recipe, resolve_recipe  # noqa: E402
-from mllm.data.readers import dataset_images  # noqa: E402
-from mllm.demo.data import generate_demo  # noqa: E402
-from mllm.stages.run import run_chain  # noqa: E402
-from mllm.tools.bench import BenchConfig, markdown, run_bench  # noqa: E402
-from mllm.tools.evaluate import evaluate_mllm, tokenizer_metrics  # noqa: E402
-from mllm.tools.extract import extract  # noqa: E402
-from mllm.tools.inference import load_mllm, load_vis_tokenizer  # noqa: E402
-from mllm.train.trainer import run_training  # noqa: E402
-from viq import ViQTokenizer  # noqa: E402
-from viq.configio import load_config, to_dict  # noqa: E402
-from viq.tokenizer import to_pil  # noqa: E402
+from mllm.config import load_recipe, resolve_recipe
+from mllm.data.readers import dataset_images
+from mllm.demo.data import generate_demo
+from mllm.demo.figures import plot_losses, plot_reconstructions, read_loss_log, reconstruction_pairs
+from mllm.stages.run import run_chain
+from mllm.tools.bench import BenchConfig, machine_name, markdown, run_bench
+from mllm.tools.evaluate import evaluate_mllm, tokenizer_metrics
+from mllm.tools.extract import extract
+from mllm.tools.inference import load_mllm, load_vis_tokenizer
+from mllm.train.trainer import run_training
+from viq import ViQTokenizer
+from viq.configio import load_config, to_dict
 
 log = logging.getLogger(__name__)
 DEFAULT_SETTINGS = "demo/default"
@@ -94,53 +90,16 @@ def _train_mllm(cfg: DemoConfig, data: dict, tok_dir: Path, out: Path, extra: li
 
 
 def _recipe_image_settings(cfg: DemoConfig) -> dict:
-    d = load_recipe(cfg.mllm_recipe, ["train.output_dir=unused", *cfg.mllm_overrides]).data
-    return {"mode": d.image_mode, "area": d.image_area, "multiple": d.image_multiple}
+    """The MLLM recipe's image settings, which the codes must be extracted with (training checks them)."""
+    return dataclasses.asdict(load_recipe(cfg.mllm_recipe, ["train.output_dir=unused", *cfg.mllm_overrides]).data.image)
 
 
 def _evaluate(model_dir: Path, data: dict, cfg: DemoConfig, out: Path) -> dict:
-    model, text_tok, _ = load_mllm(model_dir)
+    model, text_tok, recipe = load_mllm(model_dir)
     vis = load_vis_tokenizer(model_dir) if model.visual.mode == "discrete" else None
-    return evaluate_mllm(model, text_tok, data["test"], vis_tokenizer=vis, out_dir=out, limit=cfg.eval_limit,
+    return evaluate_mllm(model, text_tok, data["test"], image_settings=recipe.data.image, vis_tokenizer=vis,
+                         out_dir=out, limit=cfg.eval_limit,
                          progress=lambda done, total: log.info("      evaluated %d/%d", done, total))
-
-
-def _losses(run_dir: Path) -> list[float]:
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def plot_losses(runs: dict[str, Path], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in runs.items():
-        losses = _losses(run)
-        if losses:
-            ax.plot(range(1, len(losses) + 1), losses, label=name)
-    ax.set_xlabel("logged step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_reconstructions(tok: ViQTokenizer, images: list, path: Path) -> None:
-    """Originals (as the tokenizer sees them) above their reconstructions from codes."""
-    pixels = tok.preprocess(images)
-    recons = tok.decode(tok.encode(pixels))
-    originals = [to_pil(x) for x in pixels]
-    fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.6), squeeze=False)
-    for i, (o, r) in enumerate(zip(originals, recons, strict=True)):
-        for row, img, title in ((0, o, "original"), (1, r, "from codes")):
-            axes[row][i].imshow(img)
-            axes[row][i].set_title(title, fontsize=8)
-            axes[row][i].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 WORK_MARKER = ".viq-demo-work"
@@ -200,10 +159,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     prog.start("report")
     runs = {"tokenizer " + p.name: p for p in sorted((work / "tokenizer").iterdir()) if p.is_dir()}
     runs.update({"MLLM from codes": viq_run, "MLLM continuous": base_run})
-    plot_losses(runs, report / "loss_curves.png")
-    plot_reconstructions(tok, test_images[: cfg.n_reconstructions], report / "reconstructions.png")
+    machine = machine_name()
+    stage_runs = {Path(r).stem: work / "tokenizer" / Path(r).stem for r in cfg.tokenizer_recipes}
+    plot_losses({name: read_loss_log(p) for name, p in stage_runs.items()},
+                {"from ViQ codes": read_loss_log(viq_run), "continuous tower": read_loss_log(base_run)},
+                machine, report / "loss_curves.png")
+    plot_reconstructions(*reconstruction_pairs(tok, test_images[: cfg.n_reconstructions]), machine,
+                         report / "reconstructions.png")
     results["step_seconds"] = prog.finish()
-    results["losses"] = {name: _losses(run) for name, run in runs.items()}
+    results["losses"] = {name: list(read_loss_log(run).losses) for name, run in runs.items()}
     (report / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (report / "report.md").write_text(render_report(results))
     log.info("demo report written to %s", report)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from mllm.model.varlen_attn import register as register_varlen
+from mllm.tools import bench_plot
 from mllm.tools import bench_steps as steps
 from viq.configio import load_config, to_dict
 from viq.tokenizer import ViQTokenizer
@@ -137,6 +139,21 @@ def _peak_flops(cfg: BenchConfig, device: torch.device) -> float | None:
         return cfg.peak_tflops * 1e12
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def machine_name(device: torch.device | str | None = None) -> str:
+    """What a run ran on, for reports and figure titles: the GPU's name, or the CPU's model, architecture
+    and core count (None: the GPU when there is one, else the CPU)."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")  # platform.processor() is empty or just the architecture on Linux
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model or 'CPU'} ({platform.machine() or 'unknown architecture'}, {os.cpu_count()} cores)"
 
 
 def _sync(device: torch.device) -> None:
@@ -318,7 +335,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": machine_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": to_dict(cfg),
@@ -378,53 +395,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    cases = [(s["llm"], s["seq_len"]) for s in result["summary"]]
-    modes = result["config"]["modes"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases)), 4))
-    width = 0.8 / max(1, len(modes))
-    for j, mode in enumerate(modes):
-        times = [
-            next(
-                (
-                    r["step_time_s"] or 0.0
-                    for r in result["records"]
-                    if (r["llm"], r["seq_len"], r["mode"], r["packed"]) == (*c, mode, True)
-                ),
-                0.0,
-            )
-            for c in cases
-        ]
-        ax.bar([i + j * width for i in range(len(cases))], times, width, label=mode)
-    for i, s in enumerate(result["summary"]):
-        if s["saving_vs_continuous"] is not None:
-            ax.annotate(
-                f"-{100 * s['saving_vs_continuous']:.0f}%",
-                (i + 0.4, 0),
-                xytext=(0, -28),
-                textcoords="offset points",
-                ha="center",
-                fontsize=8,
-            )
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{llm}\n{n}" for llm, n in cases], fontsize=8)
-    ax.set_ylabel("seconds per training step (median)")
-    ax.set_title(f"Training step by visual input mode ({result['device']})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_report(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "bench.md").write_text(markdown(result))
-    plot(result, out_dir / "bench.png")
+    bench_plot.plot(result, out_dir / "bench.png")
     logger.info("wrote %s, bench.md and bench.png\n%s", out_dir / "bench.json", markdown(result))
 
 

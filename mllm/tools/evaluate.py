@@ -37,6 +37,7 @@ from mllm.data.readers import ImageRef, dataset_images, read_samples
 from mllm.model.viq_loader import load_viq
 from mllm.stages.metrics import PIXEL_RANGE, codebook_stats, noisy_pixels
 from mllm.tools.inference import Request, generate_batch, preprocess_image
+from viq.config import PreprocessConfig
 from viq.image import normalize
 from viq.tokenizer import ViQTokenizer
 
@@ -129,12 +130,13 @@ def eval_items(data_path: str | Path, image_root: str | Path | None = None) -> t
     return items, skipped
 
 
-def _requests(items: list[EvalItem], settings) -> tuple[list[Request | None], list[str | None]]:
+def _requests(items: list[EvalItem], settings: PreprocessConfig, patch_size: int
+              ) -> tuple[list[Request | None], list[str | None]]:
     """A request per item, or None with the reason when its image cannot be read or taken."""
     requests, errors = [], []
     for item in items:
         try:
-            pixels = preprocess_image(item.image.path, settings, item.image)[0] if item.image else None
+            pixels = preprocess_image(item.image.path, settings, patch_size, item.image)[0] if item.image else None
             requests.append(Request(item.question, pixels=pixels))
             errors.append(None)
         except ValueError as err:
@@ -143,17 +145,15 @@ def _requests(items: list[EvalItem], settings) -> tuple[list[Request | None], li
     return requests, errors
 
 
-def evaluate_mllm(model, text_tokenizer, data_path: str | Path, *, image_root: str | Path | None = None,
-                  vis_tokenizer: ViQTokenizer | None = None, batch_size: int = 8, max_new_tokens: int = 32,
-                  out_dir: str | Path | None = None, limit: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_mllm(model, text_tokenizer, data_path: str | Path, *, image_settings: PreprocessConfig,
+                  image_root: str | Path | None = None, vis_tokenizer: ViQTokenizer | None = None,
+                  batch_size: int = 8, max_new_tokens: int = 32, out_dir: str | Path | None = None,
+                  limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Greedy answers for every sample of ``data_path``; scores, and with ``out_dir`` the files
-    ``results.json`` and ``predictions.jsonl``. ``model`` comes from ``mllm.tools.inference.load_mllm``."""
+    ``results.json`` and ``predictions.jsonl``. ``model`` and the recipe whose ``data.image`` is
+    ``image_settings`` come from ``mllm.tools.inference.load_mllm``."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    settings = getattr(model, "image_settings", None)
-    if settings is None:
-        raise ValueError("the model carries no image settings: load it with mllm.tools.inference.load_mllm")
     items, skipped = eval_items(data_path, image_root)
     items = items[:limit] if limit is not None else items
     if not items:
@@ -162,7 +162,7 @@ def evaluate_mllm(model, text_tokenizer, data_path: str | Path, *, image_root: s
     start = time.perf_counter()
     for lo in range(0, len(items), batch_size):
         batch = items[lo: lo + batch_size]
-        requests, errors = _requests(batch, settings)
+        requests, errors = _requests(batch, image_settings, model.visual.patch_size)
         good = [r for r in requests if r is not None]
         answers = iter(generate_batch(model, text_tokenizer, good, vis_tokenizer=vis_tokenizer,
                                       max_new_tokens=max_new_tokens))
@@ -384,7 +384,8 @@ def _run_eval(args: argparse.Namespace) -> dict:
     vis_tok = load_vis_tokenizer(args.model_dir, recipe, args.device) if recipe.model.visual == "discrete" \
         else None
     out = args.out or Path(args.model_dir) / f"eval-{args.split if Path(args.data).is_dir() else data.stem}"
-    return evaluate_mllm(model, text_tok, data, image_root=args.image_root, vis_tokenizer=vis_tok,
+    return evaluate_mllm(model, text_tok, data, image_settings=recipe.data.image, image_root=args.image_root,
+                         vis_tokenizer=vis_tok,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, out_dir=out,
                          limit=args.limit)
 

@@ -45,17 +45,16 @@ from mllm.data.codes import (  # noqa: F401  (CodeStore: re-exported, the readin
     CodeStore,
     default_image_root,
     image_key,
-    image_settings,
     sha256_file,
     sha256_json,
     tokenizer_identity,
 )
-from mllm.data.dataset import image_grid
+from mllm.data.dataset import image_settings
 from mllm.data.readers import ImageRef, read_samples
 from mllm.model.viq_loader import load_viq
 from viq.config import PreprocessConfig
 from viq.configio import to_dict
-from viq.image import load_image, preprocess
+from viq.image import load_image, predict_grid, preprocess
 from viq.tokenizer import ViQTokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,21 +75,14 @@ def collect_images(dataset_path, image_root=None) -> tuple[list[tuple[str, Image
     return sorted(refs.items()), n_samples
 
 
-def _grid_from_header(ref: ImageRef, p: PreprocessConfig) -> tuple[int, int]:
+def _grid_from_header(ref: ImageRef, p: PreprocessConfig, patch_size: int) -> tuple[int, int]:
     with Image.open(ref.path) as img:  # lazy: reads the header only
         width, height = img.size
-    return image_grid(width, height, p.mode, p.area, p.multiple, p.min_area, p.max_area)
+    return predict_grid(width, height, patch_size=patch_size, **dataclasses.asdict(p))
 
 
-def _decode(ref: ImageRef, p: PreprocessConfig, grid: tuple[int, int]) -> torch.Tensor:
-    x_3HW, got = preprocess(
-        load_image(ref.path),
-        mode=p.mode,
-        area=p.area,
-        multiple=p.multiple,
-        min_area=p.min_area,
-        max_area=p.max_area,
-    )
+def _decode(ref: ImageRef, p: PreprocessConfig, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    x_3HW, got = preprocess(load_image(ref.path), patch_size=patch_size, **dataclasses.asdict(p))
     if tuple(got) != tuple(grid):
         raise ValueError(f"decoded grid {tuple(got)} differs from the header's {tuple(grid)}")
     return x_3HW
@@ -164,23 +156,24 @@ def _write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
 
 
 def _try_decode(entry) -> tuple[str, tuple[int, int], torch.Tensor | None, str | None]:
-    key, ref, settings, grid = entry
+    key, ref, settings, patch_size, grid = entry
     try:
-        return key, grid, _decode(ref, settings, grid), None
+        return key, grid, _decode(ref, settings, patch_size, grid), None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return key, grid, None, str(err)
 
 
-def _plan_shard(items, base: PreprocessConfig, batch_patches: int, failures: list) -> list[list[tuple]]:
+def _plan_shard(items, base: PreprocessConfig, patch_size: int, batch_patches: int, failures: list
+                ) -> list[list[tuple]]:
     """Read each image's header for its grid (failures recorded) and group the readable ones."""
     ok = []
     for key, ref in items:
-        settings = image_settings(ref, base)
+        settings = image_settings(ref, base, patch_size)
         try:
-            ok.append((key, ref, settings, _grid_from_header(ref, settings)))
+            ok.append((key, ref, settings, patch_size, _grid_from_header(ref, settings, patch_size)))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             failures.append((key, f"cannot read image {str(ref.path)!r}: {err}"))
-    return [[ok[i] for i in b] for b in plan_batches([e[3] for e in ok], batch_patches)]
+    return [[ok[i] for i in b] for b in plan_batches([e[-1] for e in ok], batch_patches)]
 
 
 def _decoded_batches(batches, pool: ThreadPoolExecutor, failures: list) -> Iterator[tuple[list, int]]:
@@ -199,7 +192,7 @@ def _decoded_batches(batches, pool: ThreadPoolExecutor, failures: list) -> Itera
 def _encode_shard(tok: ViQTokenizer, items, base, batch_patches, pool, pbar) -> tuple[list, list]:
     failures: list[tuple[str, str]] = []
     rows: list[tuple[str, tuple[int, int], np.ndarray]] = []
-    batches = _plan_shard(items, base, batch_patches, failures)
+    batches = _plan_shard(items, base, tok.cfg.encoder.patch_size, batch_patches, failures)
     pbar.update(len(failures))
     for batch, n in _decoded_batches(batches, pool, failures):
         if batch:
@@ -296,6 +289,7 @@ def _plan(tok: ViQTokenizer, identity: dict, base, items: list, batch_patches: i
         "tokenizer": identity,
         "codebook_size": tok.codebook_size,
         "codes_per_patch": tok.codes_per_patch,
+        "patch_size": tok.cfg.encoder.patch_size,
         "code_dtype": str(_code_type(tok.codebook_size)),
         "compute_dtype": str(tok.encoder.pos_embed.dtype),
         "preprocess": to_dict(base),

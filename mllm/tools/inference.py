@@ -17,6 +17,7 @@ Shape legend: ``B`` requests of a batch, ``T`` (padded) prompt length, ``H`` LLM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import sys
@@ -29,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mllm.config import RecipeConfig, load_recipe, resolve_dtype
 from mllm.data.chat import split_segments
-from mllm.data.codes import image_settings
+from mllm.data.dataset import image_settings
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef
 from mllm.model.layout import LLM_DIR, MLLM_CONFIG, VIQ_DIR, VISUAL_WEIGHTS
@@ -96,8 +97,6 @@ def load_mllm(model_dir: str | Path, *, device: str | torch.device | None = None
         model.llm = model.llm.merge_and_unload()
     model.requires_grad_(False)
     model.to(device=dev, dtype=resolve_dtype(recipe.model.dtype, cuda)).eval()
-    # generate() preprocesses images as training did: the recipe's data settings travel with the model
-    model.image_settings = recipe_image_settings(recipe)
     log.info("loaded MLLM %s (%s, visual=%s) on %s", root, kind, recipe.model.visual, dev)
     return model, built.tokenizer, recipe
 
@@ -118,21 +117,14 @@ def load_vis_tokenizer(model_dir: str | Path, recipe: RecipeConfig | None = None
     return tok.to(resolve_device(device)).eval()
 
 
-def recipe_image_settings(recipe: RecipeConfig) -> PreprocessConfig:
-    """The preprocessing the recipe's data section gives every image (training and inference)."""
-    d = recipe.data
-    return PreprocessConfig(mode=d.image_mode, area=d.image_area, multiple=d.image_multiple,
-                            min_area=d.min_area, max_area=d.max_area)
-
-
-def preprocess_image(image: Any, settings: PreprocessConfig, ref: ImageRef | None = None
+def preprocess_image(image: Any, settings: PreprocessConfig, patch_size: int, ref: ImageRef | None = None
                      ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An image (path, PIL, uint8 array) -> (x_3HW in [-1, 1], grid); ValueError for an unreadable
+    """An image (path, PIL, uint8 array) -> (x_3HW in [-1, 1], grid), as training preprocessed it: the
+    recipe's ``data.image`` settings and the model's ``visual.patch_size``. ValueError for an unreadable
     image or one whose patch grid the 2x2 projector cannot take. ``ref`` adds per-image overrides."""
-    s = image_settings(ref, settings) if ref is not None else settings
+    s = image_settings(ref, settings, patch_size) if ref is not None else settings
     img = load_image(image) if isinstance(image, (str, Path)) else image
-    x_3HW, grid = preprocess(img, mode=s.mode, area=s.area, multiple=s.multiple,
-                             min_area=s.min_area, max_area=s.max_area)
+    x_3HW, grid = preprocess(img, patch_size=patch_size, **dataclasses.asdict(s))
     try:
         num_image_tokens(*grid)
     except ValueError as err:
@@ -177,12 +169,11 @@ class Request:
     pixels: torch.Tensor | None = None
     codes: Codes | None = None
 
-    @property
-    def grids(self) -> list[tuple[int, int]]:
+    def grids(self, patch_size: int) -> list[tuple[int, int]]:
         if self.codes is not None:
             return [tuple(self.codes.grid)]
         if self.pixels is not None:
-            return [patch_grid(self.pixels.shape[-2], self.pixels.shape[-1])]
+            return [patch_grid(self.pixels.shape[-2], self.pixels.shape[-1], patch_size)]
         return []
 
 
@@ -191,7 +182,7 @@ def _visual_kwargs(model: MLLM, requests: list[Request], vis_tokenizer: ViQToken
     imaged = [r for r in requests if r.pixels is not None or r.codes is not None]
     if not imaged:
         return {}
-    grids = [g for r in imaged for g in r.grids]
+    grids = [g for r in imaged for g in r.grids(model.visual.patch_size)]
     if model.visual.mode == "continuous":
         if any(r.pixels is None for r in imaged):
             raise ValueError("a continuous-visual model needs pixels; it cannot take codes")
@@ -211,7 +202,7 @@ def _visual_kwargs(model: MLLM, requests: list[Request], vis_tokenizer: ViQToken
 def prompt_embeddings(model: MLLM, text_tokenizer, requests: list[Request],
                       vis_tokenizer: ViQTokenizer | None = None) -> list[torch.Tensor]:
     """Per-request prompt embeddings ``[T_i, H]``; all images of the batch go through one visual pass."""
-    ids = [prompt_ids(text_tokenizer, r.question, r.grids) for r in requests]
+    ids = [prompt_ids(text_tokenizer, r.question, r.grids(model.visual.patch_size)) for r in requests]
     device = model.llm.get_input_embeddings().weight.device
     flat = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)[None]
     embeds = model.embed_inputs(flat, **_visual_kwargs(model, requests, vis_tokenizer))
@@ -292,18 +283,17 @@ def generate(model: MLLM, text_tokenizer, question: str, image: Any = None, code
              settings: PreprocessConfig | None = None) -> str:
     """The greedy answer to ``question`` about ``image`` (path, PIL image or uint8 array) or ``codes``.
 
-    ``settings``: the image preprocessing; defaults to the one ``load_mllm`` stores on the model
-    (``model.image_settings``, the recipe's data settings). Codes must come from the same
-    preprocessing (``vis_tokenizer.encode(preprocess_image(image, settings)[0])``).
+    ``settings``: the image preprocessing the model was trained with, ``recipe.data.image`` of the recipe
+    ``load_mllm`` returns; needed with ``image``. Codes must come from the same preprocessing
+    (``vis_tokenizer.encode(preprocess_image(image, settings, model.visual.patch_size)[0])``).
     """
     if image is not None and codes is not None:
         raise ValueError("give either image or codes, not both")
     pixels = None
     if image is not None:
-        settings = settings or getattr(model, "image_settings", None)
         if settings is None:
-            raise ValueError("no image settings: pass settings= or load the model with load_mllm")
-        pixels, _ = preprocess_image(image, settings)
+            raise ValueError("an image needs settings=: the recipe's data.image (load_mllm returns the recipe)")
+        pixels, _ = preprocess_image(image, settings, model.visual.patch_size)
     request = Request(question, pixels=pixels, codes=codes)
     return generate_batch(model, text_tokenizer, [request], vis_tokenizer=vis_tokenizer,
                           max_new_tokens=max_new_tokens)[0]
@@ -350,9 +340,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         model_dir_kind(args.model_dir)
         if args.image is not None and not Path(args.image).is_file():
             raise ValueError(f"image file {args.image!r} does not exist")
-        recipe = load_recipe(Path(args.model_dir) / MLLM_CONFIG)
-        pixels = preprocess_image(args.image, recipe_image_settings(recipe))[0] if args.image else None
         model, text_tok, recipe = load_mllm(args.model_dir, device=args.device)
+        pixels = preprocess_image(args.image, recipe.data.image, model.visual.patch_size)[0] if args.image \
+            else None
         vis_tok = load_vis_tokenizer(args.model_dir, recipe, device=args.device) \
             if recipe.model.visual == "discrete" and pixels is not None else None
         answer = generate_batch(model, text_tok, [Request(args.question, pixels=pixels)],

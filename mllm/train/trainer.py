@@ -207,7 +207,8 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
     )
 
 
-def _dataset(cfg: RecipeConfig, path: str, tokenizer, sample_transform=None, store: CodeStore | None = None):
+def _dataset(cfg: RecipeConfig, path: str, tokenizer, patch_size: int, sample_transform=None,
+             store: CodeStore | None = None):
     d = cfg.data
     if store is not None:  # codes extracted offline: the step decodes no image and runs no encoder
         ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len,
@@ -216,20 +217,34 @@ def _dataset(cfg: RecipeConfig, path: str, tokenizer, sample_transform=None, sto
     samples = read_samples(path, d.image_root)
     if sample_transform is not None:  # e.g. the tokenizer stages' per-image area sampling
         samples = sample_transform(samples)
-    ds = SupervisedDataset(samples, tokenizer, image_mode=d.image_mode, image_area=d.image_area,
-                           image_multiple=d.image_multiple, min_area=d.min_area, max_area=d.max_area,
-                           max_seq_len=d.max_seq_len, strict=d.strict)
+    ds = SupervisedDataset(samples, tokenizer, patch_size=patch_size, image=d.image, max_seq_len=d.max_seq_len,
+                           strict=d.strict)
     return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
 
 
-def build_datasets(cfg: RecipeConfig, tokenizer, sample_transform=None, viq_identity: dict | None = None):
-    """(train, eval or None, collator).
+def open_code_store(cfg: RecipeConfig, viq_identity: dict | None, patch_size: int) -> CodeStore:
+    """data.codes, checked against what the run will be: its tokenizer, its image settings, its patch size.
+    The saved recipe then describes the codes the model was trained on, which is what inference repeats."""
+    store = CodeStore(cfg.data.codes, expected_tokenizer=viq_identity)
+    if store.image != cfg.data.image:
+        raise ValueError(f"codes in {cfg.data.codes} were extracted with image settings {store.image}, but the "
+                         f"recipe has data.image={cfg.data.image}: set data.image.* to the codes' values, or "
+                         "extract again with the recipe's")
+    if store.patch_size != patch_size:
+        raise ValueError(f"codes in {cfg.data.codes} have {store.patch_size}-pixel patches, the model's encoder "
+                         f"{patch_size}-pixel ones")
+    return store
+
+
+def build_datasets(cfg: RecipeConfig, tokenizer, patch_size: int, sample_transform=None,
+                   viq_identity: dict | None = None):
+    """(train, eval or None, collator). ``patch_size``: the visual encoder's (image grids are counted in it).
     ``sample_transform``: an optional map over the training samples (Iterable[Sample] -> Iterable[Sample])."""
     d = cfg.data
     require_data_file(d.train)
-    store = CodeStore(d.codes, expected_tokenizer=viq_identity) if d.codes else None
-    train = _dataset(cfg, d.train, tokenizer, sample_transform, store)
-    evaluation = _dataset(cfg, d.eval, tokenizer, store=store) if d.eval else None
+    store = open_code_store(cfg, viq_identity, patch_size) if d.codes else None
+    train = _dataset(cfg, d.train, tokenizer, patch_size, sample_transform, store)
+    evaluation = _dataset(cfg, d.eval, tokenizer, patch_size, store=store) if d.eval else None
     collator = collate_packed if d.packing else functools.partial(collate_padded,
                                                                   pad_token_id=tokenizer.pad_token_id)
     return train, evaluation, collator
@@ -283,8 +298,8 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
     _init_deepspeed_comm(args)
     built = build(cfg, args)
     with args.main_process_first(local=True, desc="data preparation"):
-        train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, sample_transform,
-                                                     getattr(built, "viq_identity", None))
+        train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, built.model.visual.patch_size,
+                                                     sample_transform, built.viq_identity)
     if args.should_save:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")

@@ -1,5 +1,6 @@
 """Every recipe under recipes/ loads into the typed config tree (unknown keys fail), every referenced
-DeepSpeed config exists, every family has every stage, and every stage has a debug twin."""
+DeepSpeed config exists, every family has every stage, and every stage has a debug twin. Recipes derive from
+a base (`base:`), and `viq train --print-config` shows the resolved whole."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mllm_helpers import RECIPES, REPO
 
+from mllm.cli import main
 from mllm.config import RecipeConfig, load_recipe, resolve_attention, resolve_dtype, save_recipe
 from mllm.model.llm import LLM_PRESETS, LORA_TARGETS, preset_config
-from viq.configio import ConfigError
+from viq.configio import ConfigError, load_yaml
 
 # recipes/bench/ holds `viq bench` configs, a different schema that mllm.tools.bench's tests load
 OTHER_SCHEMAS = ("bench", "demo")  # parsed by their own tests (test_bench, test_demo)
@@ -93,3 +96,94 @@ def test_auto_resolution():
     assert resolve_dtype("float32", cuda=True) == torch.float32
     assert resolve_attention("auto", cuda=False) == "sdpa"
     assert resolve_attention("eager", cuda=False) == "eager"
+
+
+# the roots hold whole recipes; every other recipe of these folders derives from one and holds only what differs
+ROOTS = {f"qwen2.5/{s}.yaml" for s in STAGES} | {"debug/pretrain_projector.yaml"} | {
+    f"tokenizer/so400m/{p.name}" for p in (RECIPES / "tokenizer" / "so400m").glob("*.yaml")}
+DERIVED = sorted(str(p.relative_to(RECIPES)) for d in (*FAMILIES, "debug", "tokenizer/g", "tokenizer/so400m")
+                 for p in (RECIPES / d).glob("*.yaml") if str(p.relative_to(RECIPES)) not in ROOTS)
+
+
+def _keys(path: Path) -> int:
+    """Lines that set something: neither comments nor blank."""
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_derived_recipes_hold_only_what_differs(name):
+    raw = yaml.safe_load((RECIPES / name).read_text())
+    assert "base" in raw, f"recipes/{name} copies its base instead of naming it with base:"
+    base = ((RECIPES / name).parent / raw["base"]).resolve().relative_to(RECIPES.resolve()).as_posix()
+    # one level below a root, so that a recipe reads with one other file; a continuous twin derives from its sft_lora
+    assert base in ROOTS or name.endswith("sft_lora_continuous.yaml"), f"recipes/{name} derives from {base}"
+    assert _keys(RECIPES / name) <= 15, f"recipes/{name} is long for a derived recipe ({_keys(RECIPES / name)} lines)"
+
+
+def test_roots_are_whole_recipes():
+    for name in ROOTS:
+        assert "base" not in yaml.safe_load((RECIPES / name).read_text()), name
+    assert len(DERIVED) >= 16  # 3 families x 3 stages, sft_lora_continuous, 3 debug twins, 4 tokenizer/g stages
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_merges_mappings_and_replaces_the_rest(tmp_path):
+    _write(tmp_path / "root.yaml", "a: {x: 1, y: [1, 2], z: {deep: 1, keep: 2}}\nb: 3\nc: keep\n")
+    _write(tmp_path / "mid.yaml", "base: root.yaml\na: {y: [9], z: {deep: 5}}\nb: null\n")
+    leaf = _write(tmp_path / "sub" / "leaf.yaml", "base: ../mid.yaml  # relative to this file's folder\na: {x: 7}\n")
+    assert load_yaml(leaf) == {"a": {"x": 7, "y": [9], "z": {"deep": 5, "keep": 2}}, "b": None, "c": "keep"}
+    # through a recipe: the merged tree is validated as a whole, and overrides apply after the merge
+    child = _write(tmp_path / "r" / "child.yaml", f"base: {RECIPES / 'debug' / 'sft_lora.yaml'}\n"
+                                                 "lora: {r: 4}\ntrain: {output_dir: out/child}\n")
+    cfg = load_recipe(child, ["train.max_steps=3"])
+    parent = load_recipe(RECIPES / "debug" / "sft_lora.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.train.output_dir, cfg.train.max_steps) == (4, parent.lora.alpha,
+                                                                                         "out/child", 3)
+    assert cfg.data == parent.data and cfg.model == parent.model
+
+
+def test_base_cycle_is_an_error_naming_the_files(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\nx: 1\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\ny: 2\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_yaml(a)
+    assert "a.yaml" in str(err.value) and "b.yaml" in str(err.value)
+    own = _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match="self.yaml.*cycle"):
+        load_yaml(own)
+
+
+def test_missing_base_is_an_error_naming_it(tmp_path):
+    child = _write(tmp_path / "child.yaml", "base: nowhere/parent.yaml\nx: 1\n")
+    with pytest.raises(ConfigError, match=r"nowhere/parent\.yaml does not exist"):
+        load_yaml(child)
+    with pytest.raises(ConfigError, match="base must be the path"):
+        load_yaml(_write(tmp_path / "bad.yaml", "base: [a.yaml]\n"))
+
+
+def test_print_config_shows_the_resolved_recipe(capsys, tmp_path):
+    assert main(["train", "qwen3/sft_lora", "train.max_steps=7", "lora.r=4", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["llm"] == "qwen3-0.6b"  # the recipe's own
+    assert printed["train"]["max_steps"] == 7 and printed["lora"]["r"] == 4  # overrides
+    assert printed["lora"]["alpha"] == 256 and printed["train"]["deepspeed"] == "recipes/deepspeed/zero2.json"  # base
+    # the data set name is resolved to its files (which need not exist to print a recipe)
+    assert (printed["data"]["train"], printed["data"]["image_root"]) == ("data/llava/llava_v1_5_mix665k.json",
+                                                                          "data/llava/sft_images")
+    # every key is printed, defaults included, and the print loads back as the same recipe
+    assert printed["train"]["adam_betas"] == [0.9, 0.999]
+    again = _write(tmp_path / "printed.yaml", yaml.safe_dump(printed))
+    assert load_recipe(again) == load_recipe("qwen3/sft_lora", ["train.max_steps=7", "lora.r=4",
+                                                               "data.train=data/llava/llava_v1_5_mix665k.json",
+                                                               "data.image_root=data/llava/sft_images"])
+
+
+def test_print_config_reports_a_bad_override(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "debug/sft_full", "train.max_stepz=1", "--print-config"])
+    assert exc.value.code == 2 and "train.max_stepz" in capsys.readouterr().err

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from viq.image import (
-    PATCH_SIZE,
     load_image,
     normalize,
     pad_to_multiple,
     patch_grid,
+    predict_grid,
     preprocess,
     reference_square_crop,
     resize_area,
@@ -49,7 +49,7 @@ def test_square_crop_reproduces_reference_pixels(reference):
     crop = reference_square_crop(img, 256)
     assert crop.size == (256, 256)
     assert np.array_equal(normalize(crop)[None].numpy(), reference["pixels_0"])
-    x_3HW, grid = preprocess(reference["image_0"], mode="square_crop", area=256 * 256)
+    x_3HW, grid = preprocess(patch_size=16, image=reference["image_0"], mode="square_crop", area=256 * 256)
     assert np.array_equal(x_3HW[None].numpy(), reference["pixels_0"])
     assert grid == tuple(reference["grid_hw"][0])
 
@@ -60,7 +60,7 @@ def test_processor_path_reproduces_reference_pixels(reference, i):
     pixels = normalize(reference[f"image_{i}"])
     assert pixels.dtype == torch.float32
     assert np.array_equal(pixels[None].numpy(), reference[f"pixels_{i}"])
-    x_3HW, grid = preprocess(Image.fromarray(reference[f"image_{i}"]), mode="none")
+    x_3HW, grid = preprocess(patch_size=16, image=Image.fromarray(reference[f"image_{i}"]), mode="none")
     assert grid == tuple(int(v) for v in reference["grid_hw"][i])
     h, w = reference[f"pixels_{i}"].shape[-2:]
     assert np.array_equal(x_3HW[:, :h, :w].numpy(), reference[f"pixels_{i}"][0])
@@ -96,14 +96,14 @@ def test_resize_area_keeps_aspect_and_even_grid(size):
     for new, old in ((new_w, width), (new_h, height)):
         assert new % 32 == 0 and new >= 32
         assert abs(new - old * s) <= 16 or new == 32  # within half a step unless clamped up
-    h, w = patch_grid(new_h, new_w)
+    h, w = patch_grid(new_h, new_w, 16)
     assert h % 2 == 0 and w % 2 == 0
 
 
 def test_resize_area_known_values():
     assert resize_area(400, 300, 384 * 384) == (448, 320)
     assert resize_area(384, 384, 384 * 384) == (384, 384)
-    assert resize_area(400, 300, 384 * 384, multiple=PATCH_SIZE) == (448, 336)
+    assert resize_area(400, 300, 384 * 384, multiple=16) == (448, 336)
     assert resize_area(100, 400, 256 * 256) == (128, 512)  # 1:4 stays 1:4
 
 
@@ -131,8 +131,6 @@ def test_resize_area_bounds():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"multiple": 48}, "multiple"),
-        ({"multiple": 8}, "multiple"),
         ({"multiple": 0}, "multiple"),
         ({"area": 0}, "area"),
         ({"area": -5.0}, "area"),
@@ -227,9 +225,9 @@ def test_zero_size_image_rejected():
     with pytest.raises(ValueError, match="zero area"):
         to_rgb(Image.new("RGB", (0, 5)))
     with pytest.raises(ValueError, match="zero area"):
-        preprocess(Image.new("L", (7, 0)))
+        preprocess(patch_size=16, image=Image.new("L", (7, 0)))
     with pytest.raises(ValueError, match="zero area"):
-        preprocess(np.zeros((0, 4, 3), np.uint8))
+        preprocess(patch_size=16, image=np.zeros((0, 4, 3), np.uint8))
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -242,7 +240,7 @@ def test_load_image_round_trip(tmp_path):
     img = load_image(path)
     assert img.size == (7, 5)
     assert np.array_equal(np.asarray(img), arr)
-    x_3HW, grid = preprocess(str(path), mode="resize", area=32 * 32)
+    x_3HW, grid = preprocess(patch_size=16, image=str(path), mode="resize", area=32 * 32)
     assert x_3HW.shape == (3, 32, 32) and grid == (2, 2)
 
 
@@ -270,7 +268,7 @@ def test_preprocess_resize_range_and_grid():
     arr = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
     arr[0, 0] = 0
     arr[0, 1] = 255
-    x_3HW, grid = preprocess(arr, area=256 * 256)
+    x_3HW, grid = preprocess(patch_size=16, image=arr, area=256 * 256)
     new_w, new_h = resize_area(400, 300, 256 * 256)
     assert x_3HW.dtype == torch.float32 and x_3HW.shape == (3, new_h, new_w)
     assert grid == (new_h // 16, new_w // 16) and grid[0] % 2 == 0 and grid[1] % 2 == 0
@@ -280,27 +278,49 @@ def test_preprocess_resize_range_and_grid():
 
 def test_preprocess_none_pads_and_rejects_tiny():
     arr = np.full((20, 33, 3), 255, np.uint8)
-    x_3HW, grid = preprocess(arr, mode="none")
+    x_3HW, grid = preprocess(patch_size=16, image=arr, mode="none")
     assert x_3HW.shape == (3, 32, 48) and grid == (2, 3)
     assert torch.all(x_3HW[:, :20, :33] == 1.0) and torch.all(x_3HW[:, 20:] == 0.0)
     with pytest.raises(ValueError, match="15x40"):
-        preprocess(np.zeros((40, 15, 3), np.uint8), mode="none")
+        preprocess(patch_size=16, image=np.zeros((40, 15, 3), np.uint8), mode="none")
 
 
 def test_preprocess_rejects_unknown_mode_and_inputs():
     with pytest.raises(ValueError, match="'crop'"):
-        preprocess(np.zeros((32, 32, 3), np.uint8), mode="crop")
+        preprocess(patch_size=16, image=np.zeros((32, 32, 3), np.uint8), mode="crop")
     with pytest.raises(ValueError, match="float32"):
-        preprocess(np.zeros((32, 32, 3), np.float32))
+        preprocess(patch_size=16, image=np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="multiple"):
-        preprocess(np.zeros((32, 32, 3), np.uint8), multiple=24)
+        preprocess(patch_size=16, image=np.zeros((32, 32, 3), np.uint8), multiple=24)
 
 
 def test_pad_to_multiple_and_patch_grid():
     x = torch.ones(3, 17, 32)
-    y = pad_to_multiple(x)
+    y = pad_to_multiple(x, 16)
     assert y.shape == (3, 32, 32) and y[:, 17:].abs().sum() == 0 and y[:, :17].eq(1).all()
-    assert pad_to_multiple(y) is y
-    assert patch_grid(17, 32) == (2, 2) and patch_grid(16, 1) == (1, 1)
+    assert pad_to_multiple(y, 16) is y
+    assert patch_grid(17, 32, 16) == (2, 2) and patch_grid(16, 1, 16) == (1, 1)
+    assert patch_grid(28, 29, 14) == (2, 3)
     with pytest.raises(ValueError, match="height=0"):
-        patch_grid(0, 16)
+        patch_grid(0, 16, 16)
+
+
+@pytest.mark.parametrize("patch_size, multiple, ok", [(16, 48, False), (16, 8, False), (16, 16, True), (16, 64, True),
+                                                      (14, 28, True), (14, 32, False), (14, 14, True)])
+def test_multiple_fits_the_patch_size(patch_size, multiple, ok):
+    image = np.zeros((60, 90, 3), np.uint8)
+    if not ok:
+        with pytest.raises(ValueError, match=f"{patch_size}-pixel patches"):
+            preprocess(image, patch_size=patch_size, multiple=multiple, area=56 * 84)
+        return
+    x_3HW, grid = preprocess(image, patch_size=patch_size, multiple=multiple, area=56 * 84)
+    assert x_3HW.shape[-2] % multiple == 0 and x_3HW.shape[-1] % multiple == 0
+    assert grid == (x_3HW.shape[-2] // patch_size, x_3HW.shape[-1] // patch_size)
+    assert predict_grid(90, 60, patch_size=patch_size, multiple=multiple, area=56 * 84) == grid
+
+
+@pytest.mark.parametrize("mode", ["resize", "none", "square_crop"])
+def test_predicted_grid_is_the_preprocessed_grid_at_patch_14(mode):
+    image = np.zeros((101, 250, 3), np.uint8)
+    _, grid = preprocess(image, patch_size=14, mode=mode, area=112 * 112, multiple=28)
+    assert predict_grid(250, 101, patch_size=14, mode=mode, area=112 * 112, multiple=28) == grid

@@ -238,7 +238,7 @@ def _check_round_trip(again, tok, ref, encoded, embedded) -> None:
 
 def test_preprocessing_reproduces_their_pixels(tok, ref):
     assert str(ref["preprocess_0"]) == "process_image:256"
-    x, grid = preprocess(ref["image_0"], mode="square_crop", area=256 * 256)
+    x, grid = preprocess(ref["image_0"], patch_size=16, mode="square_crop", area=256 * 256)
     assert grid == (16, 16) and torch.equal(x, torch.from_numpy(ref["pixels_0"])[0])
     assert tok.cfg.preprocess.mode == "none"
     for i in range(1, N_IMAGES):

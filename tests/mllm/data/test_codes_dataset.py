@@ -75,16 +75,7 @@ def setup(tmp_path_factory):
 
 
 def pixel_dataset(data: Path, tok, store: CodeStore) -> SupervisedDataset:
-    p = store.preprocess
-    return SupervisedDataset(
-        read_samples(data),
-        tok,
-        image_mode=p["mode"],
-        image_area=p["area"],
-        image_multiple=p["multiple"],
-        min_area=p["min_area"],
-        max_area=p["max_area"],
-    )
+    return SupervisedDataset(read_samples(data), tok, patch_size=store.patch_size, image=store.image)
 
 
 def test_items_equal_pixels_plus_encode(setup):

@@ -10,6 +10,7 @@ from mllm.data.dataset import SupervisedDataset
 from mllm.data.layout import num_image_tokens
 from mllm.data.packing import PackedDataset, collate_packed, collate_padded, pack_best_fit_decreasing
 from mllm.data.readers import ImageRef, Sample
+from viq.config import PreprocessConfig
 
 PACKED_KEYS = {"input_ids", "labels", "position_ids", "cu_seq_lens", "pixel_values", "image_grids"}
 
@@ -102,7 +103,7 @@ def real_dataset(tok, tmp_path):
         question = "<image>\n" * n_img + "Which?" + " more" * k
         turns = [{"role": "user", "content": question}, {"role": "assistant", "content": f"answer {k}"}]
         samples.append(Sample(f"s{k}", turns, [ImageRef(path)] * n_img))
-    return SupervisedDataset(samples, tok, image_area=64 * 64)
+    return SupervisedDataset(samples, tok, patch_size=16, image=PreprocessConfig(area=64 * 64))
 
 
 def test_packed_dataset_real_samples(real_dataset, tok):

@@ -4,9 +4,11 @@ import torch
 from PIL import Image
 
 from mllm.data.chat import IGNORE_INDEX, render_conversation
-from mllm.data.dataset import SupervisedDataset, image_grid
+from mllm.data.dataset import SupervisedDataset
 from mllm.data.layout import num_image_tokens
 from mllm.data.readers import ImageRef, Sample
+from viq.config import PreprocessConfig
+from viq.image import predict_grid
 
 AREA = 64 * 64  # tiny images: a 64x64 picture is a 4x4 grid -> 2*3+2 = 8 tokens
 
@@ -17,8 +19,12 @@ def sample(sid, images, question="<image>\nWhat colour?", answer="red"):
 
 
 def make_ds(samples, tok, **kw):
-    kw.setdefault("image_area", AREA)
-    return SupervisedDataset(samples, tok, **kw)
+    kw.setdefault("image", PreprocessConfig(area=AREA))
+    return SupervisedDataset(samples, tok, patch_size=16, **kw)
+
+
+def image_grid(width, height, area, multiple):
+    return predict_grid(width, height, patch_size=16, area=area, multiple=multiple)
 
 
 def noise_png(path, width=64, height=64):
@@ -45,7 +51,7 @@ def test_expansion_counts(tok, make_image):
     ds = make_ds([s], tok)
     item = ds[0]
     image_id = tok.convert_tokens_to_ids("<image>")
-    grids = [image_grid(64, 64, "resize", AREA, 32), image_grid(300, 100, "resize", AREA, 32)]
+    grids = [image_grid(64, 64, AREA, 32), image_grid(300, 100, AREA, 32)]
     assert item["image_grids"].tolist() == [list(g) for g in grids]
     spans = image_spans(item["input_ids"].tolist(), image_id)
     assert [e - s for s, e in spans] == [num_image_tokens(*g) for g in grids] == [8, 6]
@@ -65,7 +71,7 @@ def test_text_only_and_per_image_resize(tok, make_image):
     ds = make_ds([text, viq], tok)
     assert ds[0]["image_grids"].shape == (0, 2) and ds[0]["pixel_values"] == []
     # the per-image area wins over the data set's; multiple 16 is promoted to 32 for an even grid
-    assert tuple(ds.records[1].grids[0]) == image_grid(200, 100, "resize", 128 * 128, 32) == (6, 12)
+    assert tuple(ds.records[1].grids[0]) == image_grid(200, 100, 128 * 128, 32) == (6, 12)
     assert ds[1]["image_grids"].tolist() == [[6, 12]]
 
 
@@ -147,7 +153,7 @@ def test_corrupt_data_found_at_load(tok, make_image, tmp_path):
 
 
 def test_invalid_arguments(tok):
-    with pytest.raises(ValueError, match="image_mode"):
-        make_ds([], tok, image_mode="zoom")
+    with pytest.raises(ValueError, match="image mode 'zoom'"):
+        make_ds([], tok, image=PreprocessConfig(mode="zoom"))
     with pytest.raises(ValueError, match="max_seq_len"):
         make_ds([], tok, max_seq_len=0)

@@ -14,6 +14,7 @@ from mllm.data.dataset import SupervisedDataset
 from mllm.data.packing import collate_packed, collate_padded
 from mllm.data.readers import read_samples
 from mllm.model.build import build_mllm
+from viq.config import PreprocessConfig
 from viq.configio import from_dict
 
 N_SAMPLES = 4
@@ -33,8 +34,8 @@ def recipe(llm: str, visual: str) -> RecipeConfig:
 
 
 def samples(built, demo) -> list[dict]:
-    ds = SupervisedDataset(read_samples(demo["train"]), built.tokenizer, image_area=64 * 64,
-                           image_multiple=32, max_seq_len=256)
+    ds = SupervisedDataset(read_samples(demo["train"]), built.tokenizer, patch_size=16,
+                           image=PreprocessConfig(area=64 * 64, multiple=32), max_seq_len=256)
     items = [ds[i] for i in range(N_SAMPLES)]
     lengths = [len(it["input_ids"]) for it in items]
     assert len(set(lengths)) > 1, "the samples should differ in length so that padding happens"

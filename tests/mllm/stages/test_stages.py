@@ -66,7 +66,7 @@ def test_one_tower_forward_per_step(demo_data, tmp_path, monkeypatch):
     cfg = stage_cfg("stage2_1_proximal", demo_data, tmp_path, "stage.init=debug")
     built = build_stage_model(cfg, cuda=False)
     model = built.model
-    train_ds, _, _ = build_datasets(cfg, built.tokenizer)
+    train_ds, _, _ = build_datasets(cfg, built.tokenizer, model.visual.patch_size)
     batch = collate_packed([train_ds[0]])
     student, teacher = [], []
     counting(monkeypatch, model.visual.encoder, student)

@@ -52,7 +52,12 @@ def trained(demo_data, tmp_path_factory):
     save_checkpoint(built.model, built.tokenizer, cfg, out)
     model, text_tok, recipe = load_mllm(out, device="cpu")
     vis_tok = load_vis_tokenizer(out, recipe, device="cpu")
-    return {"dir": out, "built": built, "model": model, "text_tok": text_tok, "vis_tok": vis_tok}
+    return {"dir": out, "built": built, "model": model, "text_tok": text_tok, "vis_tok": vis_tok,
+            "image": recipe.data.image}
+
+
+def _pixels(model, image, settings):
+    return preprocess_image(image, settings, model.visual.patch_size)
 
 
 def _image(w=80, h=50, colour=(200, 30, 30)):
@@ -66,9 +71,9 @@ def _tokens(model, text_tok, requests, vis_tok, n=N_NEW):
     return greedy_decode(model.llm, embeds, stop_token_ids(text_tok, model.llm), n)
 
 
-def _requests(model, vis_tok):
-    x1, _ = preprocess_image(_image(), model.image_settings)
-    x2, _ = preprocess_image(_image(120, 60, (30, 70, 230)), model.image_settings)
+def _requests(model, vis_tok, settings):
+    x1, _ = _pixels(model, _image(), settings)
+    x2, _ = _pixels(model, _image(120, 60, (30, 70, 230)), settings)
     return [Request("What colour is the square?", pixels=x1),
             Request("What shape is shown?", codes=vis_tok.encode([x2])[0]),
             Request("Say something without an image.")]
@@ -85,8 +90,9 @@ def test_load_mllm_restores_the_saved_weights(trained):
 def test_generate_from_pixels_equals_generate_from_codes(trained):
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
     img = _image()
-    from_pixels = generate(m, tt, "What colour is the square?", image=img, vis_tokenizer=vt, max_new_tokens=N_NEW)
-    codes = vt.encode([preprocess_image(img, m.image_settings)[0]])[0]
+    from_pixels = generate(m, tt, "What colour is the square?", image=img, vis_tokenizer=vt, max_new_tokens=N_NEW,
+                           settings=trained["image"])
+    codes = vt.encode([_pixels(m, img, trained["image"])[0]])[0]
     from_codes = generate(m, tt, "What colour is the square?", codes=codes, max_new_tokens=N_NEW)
     assert from_pixels == from_codes
     assert isinstance(from_pixels, str)
@@ -94,7 +100,7 @@ def test_generate_from_pixels_equals_generate_from_codes(trained):
 
 def test_kv_cache_decoding_equals_full_forward_argmax(trained):
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
-    requests = _requests(m, vt)
+    requests = _requests(m, vt, trained["image"])
     stop = stop_token_ids(tt, m.llm)
     got = _tokens(m, tt, requests, vt)
     for embeds, tokens in zip(prompt_embeddings(m, tt, requests, vt), got, strict=True):
@@ -112,7 +118,7 @@ def test_kv_cache_decoding_equals_full_forward_argmax(trained):
 
 def test_batched_generation_equals_one_by_one(trained):
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
-    requests = _requests(m, vt)
+    requests = _requests(m, vt, trained["image"])
     assert len({len(e) for e in prompt_embeddings(m, tt, requests, vt)}) == 3  # left padding is exercised
     batched = _tokens(m, tt, requests, vt)
     assert batched == [_tokens(m, tt, [r], vt)[0] for r in requests]
@@ -123,17 +129,21 @@ def test_export_directory_generates_the_same(trained, tmp_path):
     model, text_tok, recipe = load_mllm(exported, device="cpu")
     vis_tok = load_vis_tokenizer(exported, recipe, device="cpu")
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
-    assert _tokens(model, text_tok, _requests(model, vis_tok), vis_tok) == _tokens(m, tt, _requests(m, vt), vt)
+    settings = trained["image"]
+    assert _tokens(model, text_tok, _requests(model, vis_tok, settings), vis_tok) == \
+        _tokens(m, tt, _requests(m, vt, settings), vt)
 
 
 def test_generate_rejects_bad_requests(trained):
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
     with pytest.raises(ValueError, match="either image or codes"):
         generate(m, tt, "q", image=_image(), codes=vt.encode([_image()])[0])
+    with pytest.raises(ValueError, match="needs settings="):
+        generate(m, tt, "q", image=_image(), vis_tokenizer=vt)
     with pytest.raises(ValueError, match="needs vis_tokenizer"):
-        generate(m, tt, "q", image=_image())
+        generate(m, tt, "q", image=_image(), settings=trained["image"])
     with pytest.raises(ValueError, match="placeholders"):
-        generate(m, tt, "<image> and <image>", image=_image(), vis_tokenizer=vt)
+        generate(m, tt, "<image> and <image>", image=_image(), vis_tokenizer=vt, settings=trained["image"])
 
 
 def test_lora_continuous_checkpoint_merges_and_generates_the_same(demo_data, tmp_path):
@@ -148,9 +158,9 @@ def test_lora_continuous_checkpoint_merges_and_generates_the_same(demo_data, tmp
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     save_checkpoint(built.model, built.tokenizer, cfg, out)
-    model, text_tok, _ = load_mllm(out, device="cpu")
+    model, text_tok, recipe = load_mllm(out, device="cpu")
     assert not hasattr(model.llm, "peft_config")  # merged for inference
-    x, _ = preprocess_image(_image(), model.image_settings)
+    x, _ = _pixels(model, _image(), recipe.data.image)
     requests = [Request("What colour?", pixels=x), Request("no image here")]
     assert _tokens(model, text_tok, requests, None) == _tokens(built.model.eval(), built.tokenizer, requests, None)
     with pytest.raises(ValueError, match="cannot take codes"):
@@ -204,7 +214,8 @@ def test_generate_cli_bad_input_one_line(trained, tmp_path, capsys, case):
 
 def test_evaluate_mllm_writes_results(trained, demo_data, tmp_path):
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
-    res = evaluate_mllm(m, tt, demo_data["test"], vis_tokenizer=vt, batch_size=4, max_new_tokens=4,
+    res = evaluate_mllm(m, tt, demo_data["test"], image_settings=trained["image"], vis_tokenizer=vt, batch_size=4,
+                        max_new_tokens=4,
                         out_dir=tmp_path)
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert res["n"] == len(lines) == 6 and (tmp_path / "results.json").is_file()
@@ -221,7 +232,7 @@ def test_evaluate_mllm_skips_unusable_images(trained, demo_data, tmp_path):
     data = tmp_path / "two.json"
     data.write_text(json.dumps(records))
     m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
-    res = evaluate_mllm(m, tt, data, vis_tokenizer=vt, max_new_tokens=2)
+    res = evaluate_mllm(m, tt, data, image_settings=trained["image"], vis_tokenizer=vt, max_new_tokens=2)
     assert res["n"] == 1 and res["skipped"] == {"unusable image": 1}
 
 
@@ -240,17 +251,17 @@ def test_prompt_matches_the_training_rendering(trained, demo_data):
     from mllm.data.chat import IGNORE_INDEX
     from mllm.data.dataset import SupervisedDataset
     from mllm.data.readers import read_samples
-    from mllm.tools.inference import prompt_ids, recipe_image_settings
+    from mllm.tools.inference import prompt_ids
 
     recipe = load_recipe(trained["dir"] / "mllm_config.yaml")
     d = recipe.data
     samples = list(read_samples(demo_data["test"]))
-    ds = SupervisedDataset(samples, trained["text_tok"], image_mode=d.image_mode, image_area=d.image_area,
-                           image_multiple=d.image_multiple, max_seq_len=d.max_seq_len, strict=True)
+    ds = SupervisedDataset(samples, trained["text_tok"], patch_size=trained["model"].visual.patch_size, image=d.image,
+                           max_seq_len=d.max_seq_len, strict=True)
     for i, sample in enumerate(samples):
         item = ds.load(i)
         first_label = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
-        x, grid = preprocess_image(sample.images[0].path, recipe_image_settings(recipe))
+        x, grid = _pixels(trained["model"], sample.images[0].path, d.image)
         assert tuple(item["image_grids"][0].tolist()) == grid
         assert torch.equal(item["pixel_values"][0], x)
         ids = prompt_ids(trained["text_tok"], sample.turns[0]["content"], [grid])
@@ -269,8 +280,9 @@ def test_generate_on_cuda_in_bf16(demo_data, tmp_path, recipe):
     model, text_tok, recipe_cfg = load_mllm(out, device="cuda")
     assert model.llm.dtype == torch.bfloat16
     vis_tok = load_vis_tokenizer(out, recipe_cfg, device="cuda") if recipe_cfg.model.visual == "discrete" else None
-    answers = [generate(model, text_tok, "What colour?", image=_image(), vis_tokenizer=vis_tok, max_new_tokens=4)]
-    x, _ = preprocess_image(_image(), model.image_settings)
+    answers = [generate(model, text_tok, "What colour?", image=_image(), vis_tokenizer=vis_tok, max_new_tokens=4,
+                        settings=recipe_cfg.data.image)]
+    x, _ = _pixels(model, _image(), recipe_cfg.data.image)
     answers += generate_batch(model, text_tok, [Request("What colour?", pixels=x), Request("no image")],
                               vis_tokenizer=vis_tok, max_new_tokens=4)
     assert all(isinstance(a, str) for a in answers)

@@ -15,10 +15,12 @@ from mllm.data.readers import read_samples
 from mllm.model.build import build_mllm
 from mllm.model.layout import LLM_DIR, VIQ_DIR
 from mllm.train.checkpoint import load_checkpoint_weights, load_exported
+from viq.config import PreprocessConfig
 
 
 def _packed_batch(built, demo) -> dict:
-    ds = SupervisedDataset(read_samples(demo["val"]), built.tokenizer, image_area=64 * 64, image_multiple=32)
+    ds = SupervisedDataset(read_samples(demo["val"]), built.tokenizer, patch_size=16,
+                           image=PreprocessConfig(area=64 * 64, multiple=32))
     batch = collate_packed([ds[i] for i in range(3)])
     batch["codes"] = built.code_encoder(batch.pop("pixel_values"))
     return batch
