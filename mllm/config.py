@@ -258,8 +258,9 @@ PACKAGED_RECIPES = next((d for d in (Path(__file__).parent / "recipes", Path(__f
 
 
 def resolve_recipe(spec: str | Path) -> Path:
-    """A recipe file: a path (relative to the current directory), else a packaged recipe named by its path
-    under recipes/, with or without the ``recipes/`` prefix and the ``.yaml`` suffix (``debug/sft_full``)."""
+    """A recipe file (or a DeepSpeed config): a path (relative to the current directory), else a packaged one
+    named by its path under recipes/, with or without the ``recipes/`` prefix and the ``.yaml`` suffix
+    (``debug/sft_full``, ``recipes/deepspeed/zero2.json``)."""
     path = Path(spec)
     if path.is_file():
         return path

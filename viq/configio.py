@@ -175,7 +175,8 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
     base_path = (path.parent / base).resolve()
     if base_path in _chain or base_path == path.resolve():
-        raise ConfigError(f"{path}: base {base!r} makes a cycle ({' -> '.join(map(str, (*_chain, base_path)))})")
+        cycle = (*_chain, path.resolve(), base_path)
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({' -> '.join(map(str, cycle))})")
     return merge_dicts(load_yaml(base_path, (*_chain, path.resolve())), data)
 
 

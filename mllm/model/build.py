@@ -118,7 +118,11 @@ def add_lora(llm: nn.Module, cfg: RecipeConfig) -> nn.Module:
                          f"(known families: {sorted(LORA_TARGETS)})")
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       use_dora=cfg.lora.dora, target_modules=list(targets), task_type="CAUSAL_LM")
-    return get_peft_model(llm, lora)
+    # the adapters' random A matrices are part of the recipe: drawn from the global generator they made
+    # two runs of one seeded recipe differ from step 2 on (B starts at zero, so step 1 hid it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return get_peft_model(llm, lora)
 
 
 def apply_trainable(model: MLLM, cfg: RecipeConfig) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mllm.config import RecipeConfig, load_recipe
+from mllm.data.descriptors import resolve_data
 from mllm.stages.decoder import run_decoder_stage
 from mllm.stages.init import dry_run_tokenizer
 from mllm.stages.llm_stage import build_stage_model, run_llm_stage
@@ -18,6 +19,7 @@ def run_stage(cfg: RecipeConfig) -> Path:
     """Train one tokenizer stage; returns its ``viq_tokenizer`` directory."""
     if cfg.stage is None:
         raise ValueError("run_stage needs a recipe with a stage section")
+    cfg = resolve_data(cfg, check_files=True)
     if cfg.stage.vae is not None:
         raise ValueError(f"stage.vae={cfg.stage.vae!r}: the latent reconstruction target is not implemented "
                          "(viq.vae loads a VAE's decoder half only); leave stage.vae null for pixels")

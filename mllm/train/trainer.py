@@ -30,9 +30,10 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from mllm.config import RecipeConfig, resolve_dtype, save_recipe
+from mllm.config import RecipeConfig, resolve_dtype, resolve_recipe, save_recipe
 from mllm.data.codes import CodeStore, codes_dataset
 from mllm.data.dataset import SupervisedDataset
+from mllm.data.descriptors import resolve_data
 from mllm.data.packing import PackedDataset, collate_packed, collate_padded
 from mllm.data.readers import read_samples, require_data_file
 from mllm.model.build import BuiltModel, build_mllm
@@ -193,7 +194,7 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
         eval_steps=t.eval_steps if periodic_eval else None,
         prediction_loss_only=True,
         bf16=dtype == torch.bfloat16,
-        deepspeed=t.deepspeed,
+        deepspeed=str(resolve_recipe(t.deepspeed)) if t.deepspeed else None,  # a path, or one shipped in recipes/
         report_to=report_to or "none",
         dataloader_num_workers=t.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -344,7 +345,7 @@ def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
 
 def run_training(cfg: RecipeConfig) -> MLLMTrainer:
     """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir."""
-    trainer = prepare_trainer(cfg)
+    trainer = prepare_trainer(resolve_data(cfg, check_files=True))
     resume = resume_target(cfg)
     if cfg.train.calibrate_projector and resume is None:
         calibrate_projector(trainer, cfg.train.calibration_samples)

@@ -187,3 +187,19 @@ def test_print_config_reports_a_bad_override(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "debug/sft_full", "train.max_stepz=1", "--print-config"])
     assert exc.value.code == 2 and "train.max_stepz" in capsys.readouterr().err
+
+
+def test_packaged_files_resolve_from_any_directory(tmp_path, monkeypatch):
+    # a recipe's train.deepspeed names recipes/deepspeed/*.json; from a folder without recipes/ (an installed
+    # package) it resolves to the shipped file, and a local file of the same path wins where there is one
+    from mllm.config import PACKAGED_RECIPES, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("recipes/deepspeed/zero2.json") == PACKAGED_RECIPES / "deepspeed" / "zero2.json"
+    assert resolve_recipe("debug/sft_full") == PACKAGED_RECIPES / "debug" / "sft_full.yaml"
+    local = tmp_path / "recipes" / "deepspeed" / "zero2.json"
+    local.parent.mkdir(parents=True)
+    local.write_text("{}")
+    assert resolve_recipe("recipes/deepspeed/zero2.json").resolve() == local
+    with pytest.raises(ConfigError, match="no/such"):
+        resolve_recipe("no/such")

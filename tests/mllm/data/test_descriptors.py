@@ -112,3 +112,17 @@ def test_family_recipes_name_shipped_descriptors():
     assert {p.stem for p in SHIPPED} >= {"llava-558k", "llava-665k"}
     assert load_recipe(RECIPES / "qwen2.5" / "pretrain_projector.yaml").data.train == "llava-558k"
     assert load_recipe(RECIPES / "qwen2.5" / "sft_lora.yaml").data.train == "llava-665k"
+
+
+def test_the_python_entry_points_resolve_names_too(in_tmp):
+    # run_training / run_stage are what library users call: they resolve the name and check the files
+    from mllm.stages.run import run_stage
+    from mllm.train.trainer import run_training
+
+    with pytest.raises(MissingDataError, match="wget -O data/mine/ann.json"):
+        run_training(_recipe("data.train=mine", f"train.output_dir={in_tmp / 'out'}"))
+    stage = load_recipe(RECIPES / "tokenizer" / "debug" / "decoder.yaml",
+                        ["data.demo=false", "data.train=mine", f"train.output_dir={in_tmp / 'out'}"])
+    with pytest.raises(MissingDataError, match="mine"):
+        run_stage(stage)
+    assert not (in_tmp / "out").exists()

@@ -111,3 +111,19 @@ def test_building_the_visual_side_leaves_the_tokenizer_as_it_was():
     assert tok.head.embedder.project_out.weight.dtype == torch.float32
     assert visual.encoder is other and tok.encoder is children["encoder"]
     assert torch.equal(enc([image.double()]), codes.indices)
+
+
+def test_lora_adapters_are_seeded_by_the_recipe(demo_data, tmp_path):
+    # lora_B starts at zero, so an unseeded lora_A changes nothing at step 1 and everything from step 2 on
+    pytest.importorskip("peft")
+    cfg = load_recipe(RECIPES / "debug" / "sft_lora.yaml", debug_overrides(demo_data, tmp_path))
+    states = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever the global generator holds before the build
+        llm = build_mllm(cfg, cuda=False).model.llm
+        states.append({n: p.detach().clone() for n, p in llm.named_parameters() if "lora_A" in n})
+    assert states[0] and states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+    other = load_recipe(RECIPES / "debug" / "sft_lora.yaml", debug_overrides(demo_data, tmp_path, "train.seed=7"))
+    llm = build_mllm(other, cuda=False).model.llm
+    assert not all(torch.equal(p, states[0][n]) for n, p in llm.named_parameters() if "lora_A" in n)
