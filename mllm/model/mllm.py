@@ -130,12 +130,21 @@ class MLLM(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), vis)
 
     def _zero_visual_term(self) -> torch.Tensor:
-        """0 * (sum of the trainable visual parameters): a text-only batch still gives them a (zero)
-        gradient, so DDP and ZeRO see the same parameters used on every rank."""
-        params = [p for m in (self.projector, self.visual) for p in m.parameters() if p.requires_grad]
-        if not params:
-            return torch.zeros((), device=self.llm.device)
-        return sum(p.sum() for p in params) * 0.0
+        """0 * (the visual path on a dummy 2x2-patch image). A batch without images runs the same modules, in
+        the same order, as a batch with them: every rank then uses the same parameters (DDP) and gathers them
+        in the same sequence (ZeRO-3 records its parameter-fetch trace from the modules that run; a rank that
+        skipped the visual modules desynchronised it and hung). The term is exactly zero in value and
+        gradient."""
+        grid = [(2, 2)]
+        if self.visual.mode == "discrete":
+            codes = torch.zeros(4 * self.visual.codes_per_patch, dtype=torch.long)
+            vis = self.image_embeddings(codes=codes, image_grids=grid)
+        else:
+            ref = next(self.visual.encoder.parameters())
+            side = 2 * self.visual.patch_size
+            vis = self.image_embeddings(pixel_values=[ref.new_zeros(3, side, side)], image_grids=grid)
+            self.visual.trace = None  # the dummy image is no training image: leave no trace for the stages
+        return vis.sum() * 0.0
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
                 codes=None, image_grids=None, **kwargs):

@@ -74,7 +74,7 @@ class EncoderShape:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class SampleMixConfig:
     """The synthetic sample mix: patch grids of the images, their weights, and text lengths."""
 
     grids: tuple[tuple[int, int], ...] = ((24, 24), (24, 32), (32, 24), (32, 32), (48, 48))
@@ -105,7 +105,7 @@ class BenchConfig:
     lr: float = 1e-5
     seed: int = 0
     peak_tflops: float | None = None  # for the MFU; default from the GPU's name
-    data: DataConfig = field(default_factory=DataConfig)
+    data: SampleMixConfig = field(default_factory=SampleMixConfig)
     out_dir: str = "runs/bench"
 
     def __post_init__(self):

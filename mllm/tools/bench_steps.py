@@ -165,7 +165,7 @@ class SynthSample:
 
 
 def synth_samples(mix, seq_len: int, rng: np.random.Generator) -> list[SynthSample]:
-    """Samples drawn from ``mix`` (a bench DataConfig) until they fill exactly ``seq_len`` tokens.
+    """Samples drawn from ``mix`` (a mllm.tools.bench.SampleMixConfig) until they fill exactly ``seq_len`` tokens.
 
     Answers are log-uniform in ``mix.answer_tokens``: many short samples and a few long ones, the
     LLaVA-like length mix on which packing pays. The last sample is cut (or made text-only) to fit.

@@ -120,3 +120,29 @@ def test_debug_tokenizer_corpus_is_the_demo_corpus():
     from mllm.model.text_tokenizer import DEBUG_CORPUS
 
     assert DEBUG_CORPUS.read_text().splitlines() == demo_corpus()
+
+
+def test_data_demo_never_writes_over_a_users_files(tmp_path):
+    # issue 13, case 0: data.demo=true with data.train naming the user's own file must leave it alone
+    from mllm.demo.data import prepare_recipe_data
+
+    user = tmp_path / "my" / "train.json"
+    user.parent.mkdir()
+    user.write_text('[{"id": "mine"}]')
+    prepare_recipe_data(user, 10)
+    assert user.read_text() == '[{"id": "mine"}]' and not (user.parent / "images").exists()
+    # a folder with a user's val.json but no train.json: the generator refuses rather than replace it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "val.json").write_text("[]")
+    with pytest.raises(ValueError, match="val.json exists and was not written by the demo"):
+        prepare_recipe_data(other / "train.json", 10)
+    assert (other / "val.json").read_text() == "[]" and not (other / "train.json").exists()
+    # the demo's own folder is brought to the requested size, and is a no-op when it is there
+    demo = tmp_path / "demo" / "train.json"
+    prepare_recipe_data(demo, 10)
+    first = demo.read_bytes()
+    prepare_recipe_data(demo, 10)
+    assert demo.read_bytes() == first and len(json.loads(first)) == 10
+    prepare_recipe_data(demo, 20)
+    assert len(json.loads(demo.read_text())) == 20

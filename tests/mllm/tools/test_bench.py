@@ -14,13 +14,13 @@ from mllm.data.chat import IGNORE_INDEX
 from mllm.data.layout import num_image_tokens
 from mllm.model.varlen_attn import register
 from mllm.tools import bench_steps as steps
-from mllm.tools.bench import BenchConfig, DataConfig, run_bench, variants
+from mllm.tools.bench import BenchConfig, SampleMixConfig, run_bench, variants
 from viq.configio import ConfigError, load_config
 from viq.tokenizer import ViQTokenizer
 
 REPO = Path(__file__).resolve().parents[3]
 BENCH_RECIPES = sorted((REPO / "recipes" / "bench").glob("*.yaml"))
-MIX = DataConfig(
+MIX = SampleMixConfig(
     grids=((4, 4), (4, 6), (6, 4), (8, 8)),
     grid_weights=(0.3, 0.3, 0.3, 0.1),
     prompt_tokens=(2, 12),
