@@ -42,6 +42,8 @@ DELEGATED = {
     "eval": ("Generate answers and score accuracy; reconstruction metrics for a tokenizer.",
              "mllm.tools.evaluate:eval_main"),
     "generate": ("Answer a question about an image with a trained MLLM.", "mllm.tools.inference:generate_main"),
+    "data": ("Inspect a recipe's training data as the trainer sees it: viq data inspect RECIPE [key=value ...] "
+             "[--n N].", "mllm.tools.inspect_data:main"),
     "demo": ("Run the end-to-end demo on the bundled synthetic data set and write a report.",
              "mllm.demo.run:main"),
     "convert-reference": ("Convert the authors' released ViQ weights into a ViQ tokenizer directory.",

@@ -79,9 +79,12 @@ class DataConfig:
     max_seq_len: int = 2048
     packing: bool = True  # padding-free packing (one packed row per device batch)
     # how every image becomes pixels (viq.image.preprocess), for training, extraction, evaluation and inference;
-    # saved with the model in its recipe, checked against the codes' own settings when data.codes is set
-    image: PreprocessConfig = field(default_factory=PreprocessConfig)
-    strict: bool = False  # raise on a bad sample instead of skipping it (counted, logged)
+    # null: the codes' own settings when data.codes is set, else PreprocessConfig's defaults. Training makes it
+    # concrete before it saves the recipe (mllm.train.trainer.resolve_image_settings), so the saved model
+    # records what it was trained on; a stated value must equal the codes' settings
+    image: PreprocessConfig | None = None
+    strict: bool = False  # raise on a bad sample or record instead of skipping it (counted, logged)
+    max_skip_fraction: float = 0.1  # stop when more than this fraction of the samples is skipped
     codes: str | None = None  # a `viq extract` output directory: train from stored codes, no image decoding
     demo: bool = False  # generate the bundled demo data set into train's folder when train is missing
     demo_samples: int = 1000  # training samples of a generated demo set (val and test get a tenth)
@@ -90,8 +93,10 @@ class DataConfig:
         for name in ("max_seq_len", "demo_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         for name in ("area", "multiple"):
-            if getattr(self.image, name) <= 0:
+            if self.image is not None and getattr(self.image, name) <= 0:
                 raise ConfigError(f"data.image.{name} must be positive, got {getattr(self.image, name)}")
 
 
@@ -121,8 +126,9 @@ class TrainConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
     wandb_project: str = "viq"
     dataloader_workers: int = 0
-    resume: bool = False  # continue from the last checkpoint-* in output_dir
+    resume: bool = False  # continue from the newest complete checkpoint-* in output_dir
     resume_from_checkpoint: str | None = None  # or from this checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run deletes the run files already in output_dir
     progress_bar: bool = True
 
     def __post_init__(self):

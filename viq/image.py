@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +32,44 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` and decode it fully, so a truncated file fails here rather than mid-batch."""
+def _open_error(path, err: Exception) -> ValueError:
+    if isinstance(err, FileNotFoundError):
+        return ValueError(f"cannot read image {str(path)!r}: file not found")
+    if isinstance(err, UnidentifiedImageError):
+        return ValueError(f"cannot read image {str(path)!r}: not a recognised image format")
+    # Pillow reports truncated or corrupt data as OSError, bad checksums as SyntaxError, a few short
+    # reads as struct.error or EOFError
+    return ValueError(f"cannot read image {str(path)!r}: {err}")
+
+
+_IMAGE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def verify_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image at `path` once Pillow's integrity checks pass (for PNG, every
+    chunk's checksum), without decoding the pixels; ValueError naming the file otherwise.
+
+    A PNG whose compressed data is damaged can still decode, to wrong pixels, without an error: the
+    checksums are what tells. Formats without checks of their own (JPEG) pass on a readable header.
+    """
     try:
         with Image.open(path) as img:
+            size = img.size
+            img.verify()
+    except _IMAGE_ERRORS as err:
+        raise _open_error(path, err) from err
+    return size
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Verify (verify_image) and fully decode the image at `path`, so that corrupt data fails here,
+    naming the file, rather than reaching the model as wrong pixels or failing mid-batch."""
+    verify_image(path)
+    try:
+        with Image.open(path) as img:  # Pillow's verify leaves the image unusable: open it again
             img.load()
-    except FileNotFoundError as err:
-        raise ValueError(f"cannot read image {str(path)!r}: file not found") from err
-    except UnidentifiedImageError as err:
-        raise ValueError(f"cannot read image {str(path)!r}: not a recognised image format") from err
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        # Pillow reports truncated or corrupt data as OSError (and a few plugins as SyntaxError).
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+    except _IMAGE_ERRORS as err:
+        raise _open_error(path, err) from err
     return img
 
 

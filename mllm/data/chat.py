@@ -77,10 +77,20 @@ def normalize_turns(turns: Sequence[dict]) -> list[dict]:
             )
         if not isinstance(content, str):
             raise ConversationError("malformed turn", f"turn {i} content must be a string, got {content!r}")
+        _check_encodable(content, f"turn {i}")
         out.append({"role": ROLE_ALIASES[role], "content": content})
     if not any(t["role"] == "assistant" for t in out):
         raise ConversationError("no assistant turn", "the conversation has no assistant turn to learn from")
     return out
+
+
+def _check_encodable(text: str, what: str) -> None:
+    # a lone surrogate (the JSON escape "\ud800" is legal) cannot become UTF-8, and the tokenizer fails on it
+    # with a TypeError that names neither the sample nor the cause
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConversationError("unencodable text", f"{what} is not encodable text: {err}") from err
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -114,6 +124,7 @@ def split_segments(turns: Sequence[dict], tokenizer, *, system: str | None = Non
     if system is not None:
         if msgs[0]["role"] == "system":
             raise ConversationError("two system prompts", "system= was given but the conversation has one")
+        _check_encodable(system, "the system prompt")
         msgs = [{"role": "system", "content": system}, *msgs]
     segments: list[tuple[str, bool]] = []
     prev = ""
@@ -143,7 +154,7 @@ def render_conversation(
     """Token ids and labels (-100 except on assistant content and its end-of-turn token).
 
     Raises ConversationError (a ValueError) for an empty conversation, no assistant turn, an unknown
-    role, or a template that is not prefix-stable.
+    role, text that cannot be encoded (a lone surrogate), or a template that is not prefix-stable.
     """
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     # tokens added with add_tokens(special_tokens=True) (Llama-3's <|eot_id|>) are not in all_special_ids

@@ -23,11 +23,13 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -110,27 +112,18 @@ class CodeStore:
     Checks each shard's sha256 against the manifest, and, given ``expected_tokenizer`` (a ViQTokenizer
     or an identity dict from ``tokenizer_identity``), that the codes come from that tokenizer.
     Codes stay in their stored integer type until asked for (2 bytes per code in memory for uint16).
+    A manifest or shard that cannot be read (malformed, truncated, missing) is a ValueError naming the file.
     """
 
     def __init__(self, out_dir: str | os.PathLike, expected_tokenizer=None, *, verify: bool = True):
         self.root = Path(out_dir)
         path = self.root / "manifest.json"
-        if not path.is_file():
-            raise ValueError(f"{self.root} has no manifest.json: not a finished extraction")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {self.manifest.get('format_version')!r}, this version "
-                             f"reads {FORMAT_VERSION}: extract the codes again with viq extract")
+        self.manifest = _read_manifest(path)
         if expected_tokenizer is not None:
             self.check_tokenizer(expected_tokenizer)
         keys, grids, codes, lengths = [], [], [], []
         for shard in self.manifest["shards"]:
-            file = self.root / shard["file"]
-            if verify and sha256_file(file) != shard["sha256"]:
-                raise ValueError(f"shard {file} has a bad checksum (manifest says {shard['sha256']})")
-            table = pq.read_table(file)
+            table = _read_shard(self.root / shard["file"], shard["sha256"] if verify else None)
             col = table.column("codes").combine_chunks()
             keys += table.column("key").to_pylist()
             grids.append(np.stack([table.column("h").to_numpy(), table.column("w").to_numpy()], axis=1))
@@ -200,6 +193,38 @@ class CodeStore:
         return torch.from_numpy(flat.astype(np.int64)), self.grid(key)
 
 
+def _read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no manifest.json: not a finished extraction")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): extract the codes again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {manifest.get('format_version')!r}, this version "
+                         f"reads {FORMAT_VERSION}: extract the codes again with viq extract")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "sha256"} <= set(s) for s in shards):
+        raise ValueError(f"{path} has no valid 'shards' list (each entry with 'file' and 'sha256'): "
+                         "extract the codes again")
+    return manifest
+
+
+def _read_shard(file: Path, sha256: str | None):
+    """The shard's table; ValueError naming it when it is missing, fails ``sha256`` or does not parse."""
+    if not file.is_file():
+        raise ValueError(f"shard {file} is missing: extract the codes again into {file.parent}")
+    if sha256 is not None and sha256_file(file) != sha256:
+        raise ValueError(f"shard {file} has a bad checksum (manifest says {sha256})")
+    try:
+        return pq.read_table(file, columns=["key", "h", "w", "codes"])
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"shard {file} is corrupt: {err}") from err
+
+
 # ----------------------------------------------------------------------------------- data set
 
 
@@ -227,6 +252,8 @@ class CodesDataset(SupervisedDataset):
         max_seq_len: int = 2048,
         strict: bool = False,
         image_token: str = IMAGE_TOKEN,
+        max_skip_fraction: float | None = None,
+        skipped: Counter | None = None,
     ):
         # set before the parent's __init__, which prepares every sample through self._grid
         self.store = store
@@ -239,6 +266,8 @@ class CodesDataset(SupervisedDataset):
             max_seq_len=max_seq_len,
             strict=strict,
             image_token=image_token,
+            max_skip_fraction=max_skip_fraction,
+            skipped=skipped,
         )
 
     def _grid(self, ref: ImageRef) -> tuple[int, int]:
@@ -266,7 +295,9 @@ class CodesDataset(SupervisedDataset):
 def codes_dataset(data_path, tokenizer, store: CodeStore, *, image_root=None, **kwargs) -> CodesDataset:
     """Read the annotations at ``data_path`` and join them to ``store`` (keys as the extraction made them)."""
     root = Path(image_root) if image_root is not None else default_image_root(data_path)
-    return CodesDataset(read_samples(data_path, image_root), tokenizer, store, image_root=root, **kwargs)
+    skipped = Counter()  # the reader's skips and the data set's, in one count
+    samples = read_samples(data_path, image_root, skipped=skipped, strict=kwargs.get("strict", False))
+    return CodesDataset(samples, tokenizer, store, image_root=root, skipped=skipped, **kwargs)
 
 
 def _describe(identity: dict) -> str:

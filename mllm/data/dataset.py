@@ -1,23 +1,29 @@
 """Supervised multimodal samples: chat-rendered token ids with image spans, and their images.
 
-Preparation (at construction) is cheap: it renders each conversation, reads only the image file
-headers (PIL opens lazily), and computes each image's patch grid with the same size rule the image
-preprocessing will apply, so every sample's final token length is known before any pixel is
-decoded. Each `<image>` token is later expanded into `num_image_tokens(h, w)` copies of itself
+Preparation (at construction) renders each conversation, reads each image file's header and checks
+its integrity without decoding pixels (viq.image.verify_image: for PNG every chunk's checksum, which
+costs one read of the file; the time is logged), and computes each image's patch grid with the same
+size rule the image preprocessing will apply, so every sample's final token length is known before
+any pixel is decoded. Each `<image>` token is later expanded into `num_image_tokens(h, w)` copies of itself
 (labels -100): the model replaces those positions with the projector's output.
 
 Bad samples never crash an epoch and never carry wrong labels:
-- found at preparation (missing or unreadable image, conversation errors, placeholder/image count
-  mismatch, too long): skipped, and `skipped[reason]` counted;
-- a corrupt image whose header parses but whose data does not decode is only found when it is
-  loaded (verifying every file up front would decode the whole data set). Then, in non-strict
-  mode, `__getitem__` returns the next good sample in index order (deterministic), and a packed
-  batch drops the sample (a pack only gets shorter, so it still fits). Counted as
-  "corrupt image (at load)" in the loading process.
+- found at preparation (missing image, unreadable or corrupt image, conversation errors,
+  placeholder/image count mismatch, too long, every label masked): skipped, and `skipped[reason]`
+  counted. The Counter may be shared with the reader (`skipped=`), so that the records it could not
+  read are in the same counts. More than `max_skip_fraction` of all samples skipped is a ValueError
+  with the counts: a data set that lost that much is more likely broken than noisy;
+- an image that passes the checks but still does not decode (its data damaged where no checksum
+  looks, or the file changed since) is found when it is loaded (viq.image.load_image decodes
+  fully). Then, in non-strict mode, `__getitem__` returns the next good sample in index order
+  (deterministic), and a packed batch drops the sample (a pack only gets shorter, so it still fits).
+  Counted as "corrupt image (at load)" in the loading process.
 `strict=True` turns each of these into a ValueError that names the sample id.
 
 A sample longer than `max_seq_len` is truncated only inside the text after its last image, and only
-if a supervised token survives; otherwise it is skipped. Image spans are never cut.
+if a supervised token survives; otherwise it is skipped. Image spans are never cut. A sample with no
+supervised token (its answers truncated away, or a chat template whose answers the label finder
+cannot find) would only dilute the loss: skipped as "all labels masked".
 
 Shapes: L expanded token length; x_3HW one normalised image; grids [n_img, 2] as (h, w).
 """
@@ -25,21 +31,23 @@ Shapes: L expanded token length; x_3HW one normalised image; grids [n_img, 2] as
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mllm.data.chat import IGNORE_INDEX, ConversationError, render_conversation
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.data.readers import ImageRef, Sample
 from viq.config import PreprocessConfig
-from viq.image import MODES, load_image, predict_grid, preprocess
+from viq.image import MODES, load_image, predict_grid, preprocess, verify_image
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +98,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         max_seq_len: int = 2048,
         strict: bool = False,
         image_token: str = IMAGE_TOKEN,
+        max_skip_fraction: float | None = None,
+        skipped: Counter | None = None,
     ):
         if image.mode not in MODES:
             raise ValueError(f"unknown image mode {image.mode!r}; expected one of {MODES}")
@@ -97,14 +107,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if image_token not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no image placeholder token {image_token!r}")
+        if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image, self.patch_size = image, patch_size
         self.max_seq_len = max_seq_len
         self.strict = strict
-        self.skipped: Counter = Counter()
+        self.max_skip_fraction = max_skip_fraction
+        self.skipped: Counter = Counter() if skipped is None else skipped
         self.truncated = 0
+        self.seen = 0  # samples read, kept or skipped (the reader's skips included when it shares the Counter)
+        self._check_s = 0.0
         self._bad: set[int] = set()
         self.records = self._prepare_all(samples)
         self.lengths = [r.length for r in self.records]
@@ -113,9 +128,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def _prepare_all(self, samples: Iterable[Sample]) -> list[PreparedSample]:
         records = []
-        n_seen = 0
+        before = sum(self.skipped.values())
+        t0 = time.perf_counter()
         for sample in samples:
-            n_seen += 1
             try:
                 records.append(self._prepare(sample))
             except (SampleError, ConversationError) as err:
@@ -123,11 +138,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     raise ValueError(f"sample {sample.id!r}: {err}") from err
                 self.skipped[err.reason] += 1
                 logger.info("skipping sample %r (%s): %s", sample.id, err.reason, err)
-        if self.skipped:
-            logger.warning("kept %d of %d samples; skipped: %s", len(records), n_seen, dict(self.skipped))
+        n_skipped = sum(self.skipped.values()) - before
+        self.seen = len(records) + n_skipped
+        logger.info("prepared %d samples in %.1f s, %.1f s of it checking images", self.seen,
+                    time.perf_counter() - t0, self._check_s)
+        if n_skipped:
+            logger.warning("kept %d of %d samples; skipped: %s", len(records), self.seen, dict(self.skipped))
         if not records:
             why = dict(self.skipped) or "the input was empty"
-            raise ValueError(f"no usable samples: all {n_seen} were skipped ({why})")
+            raise ValueError(f"no usable samples: all {self.seen} were skipped ({why})")
+        if self.max_skip_fraction is not None and n_skipped > self.max_skip_fraction * self.seen:
+            raise ValueError(
+                f"{n_skipped} of {self.seen} samples skipped ({n_skipped / self.seen:.1%}), more than "
+                f"max_skip_fraction={self.max_skip_fraction} (data.max_skip_fraction): {dict(self.skipped)}; "
+                "the log names each one. Fix the data, or raise the limit"
+            )
         return records
 
     def _image_args(self, ref: ImageRef) -> dict:
@@ -137,11 +162,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _grid(self, ref: ImageRef) -> tuple[int, int]:
         if not ref.path.is_file():
             raise SampleError("missing image", f"image file {str(ref.path)!r} does not exist")
+        t0 = time.perf_counter()
         try:
-            with Image.open(ref.path) as img:  # lazy: reads the header only
-                width, height = img.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise SampleError("corrupt image", f"cannot read image {str(ref.path)!r}: {err}") from err
+            width, height = verify_image(ref.path)
+        except ValueError as err:
+            raise SampleError("corrupt image", str(err)) from err
+        finally:
+            self._check_s += time.perf_counter() - t0
         try:
             grid = predict_grid(width, height, **self._image_args(ref))
             num_image_tokens(*grid)
@@ -159,6 +186,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "image count mismatch",
                 f"{n_placeholders} {self.image_token} placeholders but {len(sample.images)} images",
             )
+        if not (labels != IGNORE_INDEX).any():
+            raise SampleError(
+                "all labels masked",
+                "no token is supervised: the chat template hides the answers from the label finder "
+                "(mllm.data.chat), or they hold nothing but image placeholders",
+            )
         grids = [self._grid(ref) for ref in sample.images]
         extra = sum(num_image_tokens(*g) for g in grids) - n_placeholders
         length = len(ids) + extra
@@ -172,11 +205,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         cut = self.max_seq_len - extra  # in unexpanded positions: all images stay before the cut
         placeholders = np.flatnonzero(ids == self.image_token_id)
         after_last_image = int(placeholders[-1]) + 1 if len(placeholders) else 0
-        if cut < after_last_image or not (labels[:cut] != IGNORE_INDEX).any():
+        if cut < after_last_image:
             raise SampleError(
                 "too long",
-                f"{length} tokens > max_seq_len={self.max_seq_len}, and no cut after the last image "
-                "keeps a supervised token",
+                f"{length} tokens > max_seq_len={self.max_seq_len}, and a cut would fall inside an image span",
+            )
+        if not (labels[:cut] != IGNORE_INDEX).any():
+            raise SampleError(
+                "all labels masked",
+                f"{length} tokens > max_seq_len={self.max_seq_len}, and the cut after the last image "
+                "leaves no supervised token",
             )
         self.truncated += 1
         logger.info("truncating a sample from %d to %d tokens", length, self.max_seq_len)
@@ -232,3 +270,23 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if item is not None:
                 return item
         raise ValueError(f"none of the {n} samples can be loaded; see the logged errors")
+
+
+DATA_SUMMARY = "data_summary.json"
+
+
+def skip_summary(dataset) -> dict | None:
+    """Samples kept, seen and truncated, and skipped by reason, of a data set as prepared (a
+    PackedDataset's too); None for None. Skips at load time happen later, in the loader's processes."""
+    if dataset is None:
+        return None
+    ds = getattr(dataset, "dataset", dataset)  # PackedDataset keeps the samples' data set
+    return {"kept": len(ds.records), "seen": ds.seen, "truncated": ds.truncated, "skipped": dict(ds.skipped)}
+
+
+def write_data_summary(output_dir, train, evaluation=None) -> Path:
+    """``output_dir/data_summary.json``: skip_summary of the training and evaluation data sets."""
+    path = Path(output_dir) / DATA_SUMMARY
+    summary = {"train": skip_summary(train), "eval": skip_summary(evaluation)}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

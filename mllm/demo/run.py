@@ -27,7 +27,7 @@ from mllm.tools.bench import BenchConfig, machine_name, markdown, run_bench
 from mllm.tools.evaluate import evaluate_mllm, tokenizer_metrics
 from mllm.tools.extract import extract
 from mllm.tools.inference import load_mllm, load_vis_tokenizer
-from mllm.train.trainer import run_training
+from mllm.train.trainer import resolve_image_settings, run_training
 from viq import ViQTokenizer
 from viq.configio import load_config, to_dict
 
@@ -91,7 +91,8 @@ def _train_mllm(cfg: DemoConfig, data: dict, tok_dir: Path, out: Path, extra: li
 
 def _recipe_image_settings(cfg: DemoConfig) -> dict:
     """The MLLM recipe's image settings, which the codes must be extracted with (training checks them)."""
-    return dataclasses.asdict(load_recipe(cfg.mllm_recipe, ["train.output_dir=unused", *cfg.mllm_overrides]).data.image)
+    recipe = load_recipe(cfg.mllm_recipe, ["train.output_dir=unused", *cfg.mllm_overrides])
+    return dataclasses.asdict(resolve_image_settings(recipe).data.image)
 
 
 def _evaluate(model_dir: Path, data: dict, cfg: DemoConfig, out: Path) -> dict:

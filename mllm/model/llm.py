@@ -3,6 +3,11 @@
 Presets carry the published shapes of each family (random weights, no download) so that recipes,
 benchmarks and dry runs use the real arithmetic; their tokenizer is the project's small BPE
 (mllm.model.text_tokenizer), whose ids all fall inside the preset's vocabulary.
+
+A value that looks like a path (``./``, ``../``, ``/``, ``~``, an existing file or folder, or one whose
+parent folder exists) is a local directory and never becomes a hub request. A hub id is read from the
+local Hugging Face cache when it is there; otherwise the hub is asked only if ``HF_HUB_OFFLINE`` is off and
+the hub answers a single request, so a machine without a network fails in a moment with what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_session, snapshot_download
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm.data.layout import IMAGE_TOKEN
@@ -83,23 +91,104 @@ def load_llm(spec: str, *, dtype: torch.dtype = torch.float32, attn_implementati
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = build_tokenizer()
     else:
-        if not Path(spec).is_dir() and "/" not in spec:
-            raise ValueError(f"model.llm {spec!r} is neither a preset ({', '.join(sorted(LLM_PRESETS))}), "
-                             "a local directory, nor a hub id")
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = from_pretrained(AutoModelForCausalLM, llm_source(spec), dtype=dtype,
+                                attn_implementation=attn_implementation)
+    tokenizer = load_text_tokenizer(spec)
     ensure_image_token(model, tokenizer)
     return model, tokenizer
 
 
-def ensure_image_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+def load_text_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The text tokenizer of ``spec`` (as ``load_llm`` names it) with ``<image>`` registered, without the
+    model's weights: for tools that only render data."""
+    tokenizer = build_tokenizer() if spec in LLM_PRESETS else from_pretrained(AutoTokenizer, llm_source(spec))
+    register_image_token(tokenizer)
+    return tokenizer
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` is meant as a local path: such a value must never become a hub request."""
+    path = Path(spec).expanduser()
+    return (spec.startswith(("./", "../", "/", "~")) or spec in (".", "..") or path.exists()
+            or ("/" in spec and path.parent.is_dir()))
+
+
+def llm_source(spec: str, what: str = "model.llm") -> Path | str:
+    """A local model directory (Path) or a hub id (str) for a non-preset ``spec``; ValueError otherwise,
+    naming the resolved directory when ``spec`` looks like a path."""
+    if looks_like_path(spec):
+        path = Path(spec).expanduser().resolve()
+        if not path.exists():
+            raise ValueError(f"{what} {spec!r}: directory not found: {path}")
+        if not path.is_dir():
+            raise ValueError(f"{what} {spec!r}: {path} is a file, not a model directory")
+        return path
+    if "/" not in spec:
+        raise ValueError(f"{what} {spec!r} is neither a preset ({', '.join(sorted(LLM_PRESETS))}), a local "
+                         f"directory ({Path(spec).resolve()} not found), nor a hub id (org/name)")
+    return spec
+
+
+def from_pretrained(loader, source: Path | str, what: str = "model.llm", **kwargs):
+    """``loader.from_pretrained`` of a local directory, or of a hub id: from its snapshot in the local cache
+    when there is one; the hub is asked only when the offline setting allows it and it answers one request,
+    so that an unreachable hub fails at once instead of after the download retries."""
+    if isinstance(source, Path):
+        return loader.from_pretrained(str(source), **kwargs)
+    cache_miss = None
+    try:
+        # a local snapshot, loaded as a directory: transformers' own local_files_only still sends a request
+        # (its adapter look-up) that retries for about 50 s without a network
+        snapshot = snapshot_download(source, local_files_only=True)
+    except HFValidationError as err:
+        raise ValueError(f"{what} {source!r} is neither a local directory ({Path(source).resolve()} not found) "
+                         f"nor a valid hub id: {err}") from None
+    except OSError as err:
+        snapshot, cache_miss = None, err
+    if snapshot is not None:
+        try:
+            loaded = loader.from_pretrained(snapshot, **kwargs)
+        except OSError as err:  # partly cached (a tokenizer without its weights): the hub holds the rest
+            cache_miss = err
+        else:
+            # what records the base (peft's adapter config, a saved config) names the hub id, not this cache
+            loaded.name_or_path = source
+            if hasattr(loaded, "config"):
+                loaded.config.name_or_path = source
+            return loaded
+    how = (f"download it where the hub can be reached (`hf download {source} --local-dir DIR`) and set "
+           f"{what}=DIR, or name a preset ({', '.join(sorted(LLM_PRESETS))})")
+    missing = f"{what} {source!r} is not (fully) in the Hugging Face cache ({hf_constants.HF_HUB_CACHE})"
+    if hf_constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{missing} and hub access is off (HF_HUB_OFFLINE): {how}") from cache_miss
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ValueError(f"{missing} and the hub ({hf_constants.ENDPOINT}) cannot be reached ({unreachable}): "
+                         f"{how}") from cache_miss
+    return loader.from_pretrained(source, **kwargs)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub endpoint does not answer one request (no retries), or None when it does."""
+    try:
+        get_session().head(hf_constants.ENDPOINT, timeout=timeout)
+    except Exception as err:  # the HTTP client's connect, timeout and proxy errors are its own classes
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def register_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def ensure_image_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    image_id = register_image_token(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         log.info("resizing the LLM embeddings to %d for the added tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return image_id

@@ -9,8 +9,9 @@ Writes ``viq_tokenizer/``, ``log.jsonl`` (with ``recon_psnr`` and the mean-colou
 
 Training settings, as the Trainer path (mllm.train.trainer) reads them or refused by name:
 - ``train.save_steps`` / ``save_total_limit``: ``checkpoint-N/`` every save_steps and at the end (after
-  the export, so a final checkpoint means a finished run), rotated as the Trainer rotates them. Each is
-  written into a hidden temporary folder and renamed, so a ``checkpoint-N/`` is always complete.
+  the export, so a final checkpoint means a finished run), rotated as the Trainer path rotates them. Each is
+  written into a hidden temporary folder and renamed, so a ``checkpoint-N/`` is always complete (the
+  commit, marker and rotation of mllm.train.ckpt_io, shared with the Trainer path).
 - ``train.resume`` / ``resume_from_checkpoint``: the newest complete checkpoint (or that one) restores the
   decoder, optimizer, scheduler, RNG, metric window and the position in the draws, so the resumed steps
   log what an uninterrupted run logs. Log lines after the checkpoint's step are dropped: they belong to
@@ -18,6 +19,7 @@ Training settings, as the Trainer path (mllm.train.trainer) reads them or refuse
 - ``data.eval`` (+ ``train.eval_steps``): reconstruction MSE / PSNR on its images at ``data.image.area``,
   logged as ``eval_*`` at the end (and every eval_steps).
 - ``train.report_to``: ``jsonl`` only; a fresh run refuses an output dir that holds another run's log.
+- ``train.overwrite_output_dir``: deletes the run files in output_dir first (mllm.train.rundir).
 - refused: ``train.deepspeed``, wandb/tensorboard, ``gradient_checkpointing``, ``calibrate_projector``,
   ``data.codes``, and several ranks (torchrun): the decoder is small and trains in one process.
 
@@ -30,9 +32,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mllm.config import RecipeConfig, resolve_dtype, save_recipe
 from mllm.data.readers import dataset_images, require_data_file
@@ -52,7 +52,9 @@ from mllm.stages.areas import sample_area
 from mllm.stages.init import load_perceptual, load_stage_tokenizer, perceptual_term
 from mllm.stages.metrics import StageMetrics, code_stability, psnr_from_mse
 from mllm.stages.report import stage_report, write_report
+from mllm.train import ckpt_io
 from mllm.train.optim import is_no_decay
+from mllm.train.rundir import overwrite_output_dir
 from mllm.train.trainer import LOG_FILE, resume_target
 from viq.configio import ConfigError
 from viq.decoder import reconstruction_loss
@@ -231,11 +233,9 @@ def resume_checkpoint(cfg: RecipeConfig) -> tuple[Path, dict] | None:
     if not t.resume:
         return None
     out = Path(t.output_dir)
-    for path in reversed(sort_checkpoints(str(out)) if out.is_dir() else []):
-        state = _read_state(Path(path))
-        if state is not None:
-            return Path(path), state
-        log.warning("train.resume: skipping %s, not a complete decoder-stage checkpoint", path)
+    ckpt = ckpt_io.newest_complete(out, lambda p: None if _read_state(p) else "not a decoder-stage checkpoint")
+    if ckpt is not None:
+        return ckpt, _read_state(ckpt)
     log.info("train.resume=true but %s holds no complete checkpoint: starting from scratch", out)
     return None
 
@@ -289,26 +289,8 @@ def open_log(cfg: RecipeConfig, resume: Path | None, start: int) -> Path | None:
         raise ConfigError(f"train.resume_from_checkpoint={str(resume)!r} lies outside train.output_dir="
                           f"{str(out)!r}, which already holds {LOG_FILE} of another run: resume into a new "
                           "train.output_dir, or from a checkpoint of the run that wrote that log")
-    _drop_lines_after(path, start)
+    ckpt_io.truncate_log(path, start)
     return path
-
-
-def _drop_lines_after(path: Path, step: int) -> None:
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short when the run was stopped
-    if len(kept) == len(lines):
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    log.info("%s: dropped %d lines after step %d, which the resumed run trains again", path,
-             len(lines) - len(kept), step)
 
 
 def _log_line(path: Path | None, record: dict) -> None:
@@ -432,9 +414,7 @@ class DecoderRun:
     def save(self, step: int) -> Path:
         """``checkpoint-<step>/``, complete or absent: written aside, then renamed into place."""
         final = self.out / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        tmp = self.out / f".tmp-{final.name}"  # not matched by the checkpoint-N pattern
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = ckpt_io.begin_save(self.out, step)
         save_file(_cpu_state(self.tok.decoder, "decoder."), str(tmp / DECODER_WEIGHTS), metadata={"format": "pt"})
         torch.save(self.opt.state_dict(), tmp / OPTIMIZER_NAME)
         torch.save(self.sched.state_dict(), tmp / SCHEDULER_NAME)
@@ -445,10 +425,8 @@ class DecoderRun:
         state = {"kind": "decoder", "global_step": step, "max_steps": self.steps,
                  "draws": step * draws_per_step(self.cfg)}
         (tmp / STATE_FILE).write_text(json.dumps(state))
-        if final.exists():  # the same step of an earlier try, which this one trained again
-            shutil.rmtree(final)
-        tmp.rename(final)
-        rotate_checkpoints(str(self.out), self.cfg.train.save_total_limit)
+        ckpt_io.commit(tmp, final, step)  # replaces the same step of an earlier try, which this one trained again
+        ckpt_io.rotate(self.out, self.cfg.train.save_total_limit, keep=final)
         log.info("saved %s", final)
         return final
 
@@ -487,6 +465,8 @@ def run_decoder_stage(cfg: RecipeConfig) -> Path:
     refuse_unsupported(cfg)
     t = cfg.train
     out = Path(t.output_dir)
+    if t.overwrite_output_dir:
+        overwrite_output_dir(cfg)
     paths, eval_images = training_images(cfg), _eval_images(cfg)
     steps = _total_steps(cfg, len(paths))
     resume = resume_checkpoint(cfg)

@@ -46,8 +46,10 @@ from mllm.stages.init import (
     perceptual_term,
 )
 from mllm.stages.metrics import StageMetrics, code_stability
-from mllm.stages.report import parameter_counts, stage_report, write_report
-from mllm.train.trainer import calibrate_projector, leading_items, prepare_trainer, resume_target
+from mllm.stages.report import REPORT_FILE, parameter_counts, stage_report, write_report
+from mllm.train.checkpoint import load_checkpoint_weights
+from mllm.train.restart import mark_run_complete, train_or_restore
+from mllm.train.trainer import MLLMTrainer, calibrate_projector, leading_items, prepare_trainer
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple
@@ -245,29 +247,45 @@ def calibrate_fsq(tok: ViQTokenizer, dataset, n_images: int) -> None:
 
 
 def run_llm_stage(cfg: RecipeConfig) -> Path:
-    """Train stage 1, 2-1 or 2-2 with the MLLM Trainer; returns its ``viq_tokenizer`` directory."""
+    """Train stage 1, 2-1 or 2-2 with the MLLM Trainer; returns its ``viq_tokenizer`` directory. Restarting a
+    finished stage with train.resume=true trains and writes nothing (mllm.train.restart)."""
     trainer = prepare_trainer(cfg, build=build_stage_model, sample_transform=area_sampler(cfg))
+    try:
+        return _train_stage(cfg, trainer)
+    finally:
+        trainer.release_output_dir()
+
+
+def _train_stage(cfg: RecipeConfig, trainer: MLLMTrainer) -> Path:
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
         # ViQTokenizer.save_pretrained writes the module's own (here: partitioned) tensors
         raise ValueError(f"train.deepspeed={cfg.train.deepspeed!r} is ZeRO-3; the tokenizer stages save the "
                          "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
     model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
-    resume = resume_target(cfg)
-    if cfg.stage.kind == "fsq" and cfg.stage.calibrate and resume is None:
-        calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
-    if cfg.train.calibrate_projector and resume is None:
-        calibrate_projector(trainer, cfg.train.calibration_samples)  # on the (calibrated) head's features
-    out = Path(cfg.train.output_dir)
-    if trainer.args.should_save:
-        write_report(out, model.stage_report)  # before training: a failed run still shows the key map
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
+    out, fresh = Path(cfg.train.output_dir), trainer.resume_from is None
+
+    def before_training() -> None:
+        if cfg.stage.kind == "fsq" and cfg.stage.calibrate and fresh:
+            calibrate_fsq(model.tokenizer, trainer.train_dataset, cfg.stage.calibration_images)
+        if cfg.train.calibrate_projector and fresh:
+            calibrate_projector(trainer, cfg.train.calibration_samples)  # on the (calibrated) head's features
+        if trainer.args.should_save:
+            write_report(out, model.stage_report)  # before training: a failed run still shows the key map
+
+    outcome = train_or_restore(trainer, before_training)
+    if outcome == "finished":
+        return out / VIQ_DIR
+    if outcome == "trained":
+        trainer.save_model(str(out))
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+    else:  # killed during its final save: the tokenizer is exported again from the last checkpoint
+        load_checkpoint_weights(model, trainer.resume_from)
     if trainer.args.should_save:
         model.tokenizer.save_pretrained(out / VIQ_DIR)
         last = [rec for rec in trainer.state.log_history if "lm_loss" in rec]
         write_report(out, {**model.stage_report, "final_metrics": last[-1] if last else {}})
         log.info("stage %s done: %s", cfg.stage.kind, out / VIQ_DIR)
+    mark_run_complete(trainer, extra=(VIQ_DIR, REPORT_FILE))
     return out / VIQ_DIR

@@ -13,13 +13,14 @@ from mllm.data.descriptors import resolve_data
 from mllm.stages.decoder import run_decoder_stage
 from mllm.stages.init import dry_run_tokenizer
 from mllm.stages.llm_stage import build_stage_model, run_llm_stage
+from mllm.train.trainer import resolve_image_settings
 
 
 def run_stage(cfg: RecipeConfig) -> Path:
     """Train one tokenizer stage; returns its ``viq_tokenizer`` directory."""
     if cfg.stage is None:
         raise ValueError("run_stage needs a recipe with a stage section")
-    cfg = resolve_data(cfg, check_files=True)
+    cfg = resolve_image_settings(resolve_data(cfg, check_files=True))
     if cfg.stage.vae is not None:
         raise ValueError(f"stage.vae={cfg.stage.vae!r}: the latent reconstruction target is not implemented "
                          "(viq.vae loads a VAE's decoder half only); leave stage.vae null for pixels")

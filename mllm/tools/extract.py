@@ -11,6 +11,10 @@ Layout of an output directory:
   before its Parquet file, so a finished shard always has it.
 - ``failures.jsonl`` and ``manifest.json``: written by whichever process finds every shard done.
 
+An image fails when it cannot be read, or does not pass Pillow's integrity checks, or does not decode
+(viq.image.load_image). ``viq extract`` exits 1 when no image could be extracted, or when more than
+``max_fail_fraction`` of them failed (an override, 0.1 by default); failures.jsonl lists them either way.
+
 Image keys, the tokenizer identity and the per-image preprocessing rule: mllm.data.codes.
 
 Determinism: keys are sorted, shard s holds keys [s*shard_size, (s+1)*shard_size), and within a shard
@@ -357,6 +361,27 @@ def finalize(out: Path, plan: dict, dataset_path, n_samples: int) -> dict | None
 
 # ----------------------------------------------------------------------------------------- CLI
 
+MAX_FAIL_FRACTION = 0.1
+
+
+def extraction_problem(manifest: dict, max_fail_fraction: float = MAX_FAIL_FRACTION) -> str | None:
+    """Why a finished extraction is not usable: no image encoded, or more than ``max_fail_fraction`` of
+    them failed; None when it is."""
+    c = manifest["counts"]
+    if c["encoded"] == 0:
+        return f"no image could be extracted ({c['failed']} of {c['images']} failed)"
+    if c["failed"] > max_fail_fraction * c["images"]:
+        return (f"{c['failed']} of {c['images']} images failed ({c['failed'] / c['images']:.1%}), more than "
+                f"max_fail_fraction={max_fail_fraction}")
+    return None
+
+
+def _max_fail_fraction(overrides: dict) -> float:
+    value = overrides.pop("max_fail_fraction", MAX_FAIL_FRACTION)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"max_fail_fraction must be a number in [0, 1], got {value!r}")
+    return float(value)
+
 
 def _parse_overrides(items: list[str]) -> dict:
     from viq.configio import parse_override
@@ -390,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="preprocessing overrides, e.g. area=589824 multiple=32")
+    parser.add_argument("overrides", nargs="*", help="preprocessing overrides, e.g. area=589824 multiple=32; and "
+                        f"max_fail_fraction=F: exit 1 when more than F of the images fail ({MAX_FAIL_FRACTION})")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    overrides = _parse_overrides(args.overrides)
+    max_fail_fraction = _max_fail_fraction(overrides)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device is None:
@@ -405,19 +433,22 @@ def main(argv: list[str] | None = None) -> int:
         shard_size=args.shard_size,
         rank=rank,
         world_size=world,
-        preprocess=_parse_overrides(args.overrides),
+        preprocess=overrides,
         device=device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         num_workers=args.workers,
         progress=not args.no_progress,
     )
-    if manifest is not None:
-        c = manifest["counts"]
-        logger.info(
-            "extracted %d of %d images into %d shards (%d failed)",
-            c["encoded"],
-            c["images"],
-            c["shards"],
-            c["failed"],
-        )
-    return 0
+    return 0 if manifest is None else _report(manifest, Path(args.out), max_fail_fraction)
+
+
+def _report(manifest: dict, out: Path, max_fail_fraction: float) -> int:
+    """Log the counts of a finished extraction; its exit code."""
+    c = manifest["counts"]
+    logger.info("extracted %d of %d images into %d shards (%d failed)", c["encoded"], c["images"], c["shards"],
+                c["failed"])
+    problem = extraction_problem(manifest, max_fail_fraction)
+    if problem is None:
+        return 0
+    logger.error("viq extract: %s; each failure is listed in %s", problem, out / "failures.jsonl")
+    return 1

@@ -80,16 +80,17 @@ def load_mllm(model_dir: str | Path, *, device: str | torch.device | None = None
     compute dtype (fp32 on CPU), since inference runs without the training autocast."""
     from mllm.model.build import build_mllm
     from mllm.train.checkpoint import load_exported
+    from mllm.train.trainer import resolve_image_settings
 
     root = Path(model_dir)
     kind = model_dir_kind(root)
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
+    # training saves concrete image settings; a recipe that lacks them gets them as training would have
+    recipe = resolve_image_settings(load_recipe(root / MLLM_CONFIG))
     if kind == "export":
         built = load_exported(root, cuda=cuda)
-        recipe = load_recipe(root / MLLM_CONFIG)
     else:
-        recipe = load_recipe(root / MLLM_CONFIG)
         built = build_mllm(recipe, cuda=cuda)
         load_checkpoint_weights(built.model, root)
     model = built.model

@@ -6,7 +6,9 @@ wired here and in mllm.model.build only. What the subclass changes:
 - the loss inputs: discrete runs turn pixels into codes with the frozen CodeEncoder when the batch
   brings no codes;
 - saving and resuming: the checkpoint layout of mllm.train.checkpoint (adapters or full LLM, trainable
-  visual weights, the recipe); under ZeRO-3 the Trainer gathers the state dict before ``_save``;
+  visual weights, the recipe); under ZeRO-3 the Trainer gathers the state dict before ``_save``; each
+  checkpoint-N is written aside and renamed once complete (mllm.train.ckpt_io), resume takes the newest
+  complete one, and a run that had finished trains nothing (mllm.train.restart);
 - logging: tokens/s, samples/s, peak memory and per-part learning rates, written by JsonlLogger.
 
 Batches: with ``data.packing`` the data set yields packs and a device batch of k packs becomes ONE
@@ -17,33 +19,38 @@ Trainer passes ``num_items_in_batch`` down to the LLM's loss.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
 import logging
 import resource
 import time
+import weakref
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.config import RecipeConfig, resolve_dtype, resolve_recipe, save_recipe
 from mllm.data.codes import CodeStore, codes_dataset
-from mllm.data.dataset import SupervisedDataset
+from mllm.data.dataset import SupervisedDataset, write_data_summary
 from mllm.data.descriptors import resolve_data
 from mllm.data.packing import PackedDataset, collate_packed, collate_padded
 from mllm.data.readers import read_samples, require_data_file
 from mllm.model.build import BuiltModel, build_mllm
+from mllm.model.layout import MLLM_CONFIG
+from mllm.train import ckpt_io
 from mllm.train.checkpoint import load_checkpoint_weights, save_checkpoint
 from mllm.train.optim import param_groups
+from mllm.train.restart import mark_run_complete, resume_target, train_or_restore
+from mllm.train.rundir import LOG_FILE, RunLock, claim_output_dir
+from viq.config import PreprocessConfig
 from viq.configio import to_dict
 
 log = logging.getLogger(__name__)
-
-LOG_FILE = "log.jsonl"
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -90,6 +97,9 @@ class MLLMTrainer(Trainer):
         self._samples = 0
         self._t_last: float | None = None
         self._group_lrs: dict[str, float] = {}
+        self._staging: Path | None = None  # the staging root of the checkpoint being saved
+        self.resume_from: str | None = None  # set by prepare_trainer
+        self.run_lock: RunLock | None = None  # held by the main process, from prepare_trainer
         if any(isinstance(cb, JsonlLogger) for cb in self.callback_handler.callbacks):
             # JsonlLogger prints every log line already; keep the bar, drop the second print
             self.callback_handler.remove_callback(PrinterCallback)
@@ -152,17 +162,66 @@ class MLLMTrainer(Trainer):
             self._t_last = now
         super().log(logs, start_time)
 
-    # saving and loading (mllm.train.checkpoint layout)
+    # saving and loading (mllm.train.checkpoint layout, each checkpoint committed by mllm.train.ckpt_io)
+    def _get_output_dir(self, trial) -> str:
+        # during a checkpoint save the Trainer's run folder is the staging root (see _save_checkpoint)
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # the Trainer writes checkpoint-N in place and rotates right away. Here every rank writes into a
+        # staging root; once all have (a barrier, bounded by the process group's timeout, args.ddp_timeout)
+        # the main process alone writes the marker, renames, and rotates.
+        out, step = Path(self._get_output_dir(trial)), self.state.global_step
+        if self.args.should_save:
+            ckpt_io.begin_save(out, step)
+        self.accelerator.wait_for_everyone()
+        self._staging = ckpt_io.staging_root(out, step)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        staging = ckpt_io.staging_root(out, step) / ckpt_io.checkpoint_name(step)
+        ckpt_io.fire("trainer_state", staging)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = ckpt_io.commit(staging, out / ckpt_io.checkpoint_name(step), step)
+            ckpt_io.rotate(out, self.args.save_total_limit, keep=final)
+            log.info("saved %s", final)
+        self.accelerator.wait_for_everyone()  # no rank runs ahead of a checkpoint that may not exist yet
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        ckpt_io.fire("optimizer", Path(output_dir))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        ckpt_io.fire("rng", Path(output_dir))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         save_checkpoint(model, self.text_tokenizer, self.recipe, output_dir, state_dict=state_dict)
-        log.info("saved %s", output_dir)
+        if self._staging is not None:
+            ckpt_io.fire("weights", Path(output_dir))
+        else:
+            log.info("saved %s", output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_checkpoint_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    # the run around train()
+    def total_steps(self) -> int:
+        """The optimizer steps of the whole run: train.max_steps, or its epochs counted as train() counts them."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+
+    def release_output_dir(self) -> None:
+        """Give up the output folder's lock (mllm.train.rundir); a no-op on other ranks and when released."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
@@ -211,15 +270,16 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
 def _dataset(cfg: RecipeConfig, path: str, tokenizer, patch_size: int, sample_transform=None,
              store: CodeStore | None = None):
     d = cfg.data
+    limits = {"strict": d.strict, "max_skip_fraction": d.max_skip_fraction}
     if store is not None:  # codes extracted offline: the step decodes no image and runs no encoder
-        ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len,
-                           strict=d.strict)
+        ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len, **limits)
         return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
-    samples = read_samples(path, d.image_root)
+    skipped = Counter()  # the reader's skips and the data set's, in one count
+    samples = read_samples(path, d.image_root, skipped=skipped, strict=d.strict)
     if sample_transform is not None:  # e.g. the tokenizer stages' per-image area sampling
         samples = sample_transform(samples)
     ds = SupervisedDataset(samples, tokenizer, patch_size=patch_size, image=d.image, max_seq_len=d.max_seq_len,
-                           strict=d.strict)
+                           skipped=skipped, **limits)
     return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
 
 
@@ -237,10 +297,29 @@ def open_code_store(cfg: RecipeConfig, viq_identity: dict | None, patch_size: in
     return store
 
 
+def resolve_image_settings(cfg: RecipeConfig) -> RecipeConfig:
+    """``cfg`` with a concrete ``data.image``: a stated one as it is (open_code_store holds it against the
+    codes'), else the codes' own settings when ``data.codes`` is set, else the defaults. Everything after
+    this, the saved recipe included, sees the settings the model is actually trained on."""
+    if cfg.data.image is not None:
+        return cfg
+    image = PreprocessConfig()
+    if cfg.data.codes:
+        # the manifest alone: CodeStore would read every shard, and build_datasets opens it once anyway
+        manifest = Path(cfg.data.codes) / "manifest.json"
+        try:
+            image = PreprocessConfig(**json.loads(manifest.read_text())["preprocess"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"data.codes={cfg.data.codes!r}: cannot read the codes' image settings from {manifest} "
+                             f"({type(err).__name__}: {err}); is it a finished `viq extract` output?") from err
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image=image))
+
+
 def build_datasets(cfg: RecipeConfig, tokenizer, patch_size: int, sample_transform=None,
                    viq_identity: dict | None = None):
     """(train, eval or None, collator). ``patch_size``: the visual encoder's (image grids are counted in it).
     ``sample_transform``: an optional map over the training samples (Iterable[Sample] -> Iterable[Sample])."""
+    cfg = resolve_image_settings(cfg)
     d = cfg.data
     require_data_file(d.train)
     store = open_code_store(cfg, viq_identity, patch_size) if d.codes else None
@@ -249,20 +328,6 @@ def build_datasets(cfg: RecipeConfig, tokenizer, patch_size: int, sample_transfo
     collator = collate_packed if d.packing else functools.partial(collate_padded,
                                                                   pad_token_id=tokenizer.pad_token_id)
     return train, evaluation, collator
-
-
-def resume_target(cfg: RecipeConfig) -> str | None:
-    t = cfg.train
-    if t.resume_from_checkpoint:
-        if not Path(t.resume_from_checkpoint).is_dir():
-            raise ValueError(f"train.resume_from_checkpoint {t.resume_from_checkpoint!r} is not a directory")
-        return t.resume_from_checkpoint
-    if not t.resume:
-        return None
-    last = get_last_checkpoint(t.output_dir) if Path(t.output_dir).is_dir() else None
-    if last is None:
-        log.info("train.resume=true but %s holds no checkpoint: starting from scratch", t.output_dir)
-    return last
 
 
 def _init_deepspeed_comm(args: TrainingArguments) -> None:
@@ -293,23 +358,44 @@ def _build_mllm(cfg: RecipeConfig, args: TrainingArguments) -> BuiltModel:
 def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=None) -> MLLMTrainer:
     """Data, model and Trainer of a recipe, ready for ``train()``. ``build`` ((recipe, training arguments) ->
     BuiltModel) and ``sample_transform`` let the tokenizer stages (mllm.stages.llm_stage) reuse this wiring."""
+    cfg = resolve_image_settings(cfg)  # before anything saves the recipe: the model records its image settings
     # TrainingArguments come first: they start the process group (data is prepared on the first local
     # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
     args = training_arguments(cfg, resolve_dtype(cfg.model.dtype), has_eval=cfg.data.eval is not None)
     _init_deepspeed_comm(args)
+    # the output folder is this run's (mllm.train.rundir) before anything is written into it; the caller
+    # gives it back with trainer.release_output_dir()
+    lock = claim_output_dir(cfg, args)
+    try:
+        trainer = _make_trainer(cfg, args, build, sample_transform)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.run_lock = lock
+    if lock is not None:
+        weakref.finalize(trainer, lock.release)  # a trainer dropped without release_output_dir()
+    return trainer
+
+
+def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_transform) -> MLLMTrainer:
+    resume = resume_target(cfg)
     built = build(cfg, args)
     with args.main_process_first(local=True, desc="data preparation"):
         train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, built.model.visual.patch_size,
                                                      sample_transform, built.viq_identity)
     if args.should_save:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")
+        if resume is None or not (Path(cfg.train.output_dir) / MLLM_CONFIG).exists():  # else rewritten at the end
+            save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")
+        write_data_summary(cfg.train.output_dir, train_ds, eval_ds)  # the skip counts, by reason
     _init_wandb(cfg, args)
-    return MLLMTrainer(
+    trainer = MLLMTrainer(
         model=built.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         recipe=cfg, text_tokenizer=built.tokenizer, code_encoder=built.code_encoder,
         callbacks=[JsonlLogger(cfg.train.output_dir)] if "jsonl" in cfg.train.report_to else None,
     )
+    trainer.resume_from = resume
+    return trainer
 
 
 def leading_items(dataset) -> Iterator[list[dict]]:
@@ -344,13 +430,22 @@ def calibrate_projector(trainer: MLLMTrainer, n_samples: int) -> None:
 
 
 def run_training(cfg: RecipeConfig) -> MLLMTrainer:
-    """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir."""
+    """Train a recipe end to end (resuming as the recipe says) and save into train.output_dir. Restarting a
+    finished run with train.resume=true trains and writes nothing (mllm.train.restart)."""
     trainer = prepare_trainer(resolve_data(cfg, check_files=True))
-    resume = resume_target(cfg)
-    if cfg.train.calibrate_projector and resume is None:
-        calibrate_projector(trainer, cfg.train.calibration_samples)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(cfg.train.output_dir)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
+
+    def calibrate() -> None:
+        if cfg.train.calibrate_projector and trainer.resume_from is None:
+            calibrate_projector(trainer, cfg.train.calibration_samples)
+
+    try:
+        outcome = train_or_restore(trainer, calibrate)
+        if outcome == "trained":
+            trainer.save_model(cfg.train.output_dir)
+            if trainer.eval_dataset is not None:
+                trainer.evaluate()
+        if outcome != "finished":
+            mark_run_complete(trainer)
+    finally:
+        trainer.release_output_dir()
     return trainer

@@ -20,6 +20,7 @@ from viq.image import (
     reference_square_crop,
     resize_area,
     to_rgb,
+    verify_image,
 )
 
 _FIXTURE_NAME = "reference-16k-d2-seed0.npz"
@@ -258,6 +259,28 @@ def test_load_image_errors(tmp_path):
     truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated.png"):
         load_image(truncated)
+
+
+def test_corrupt_png_data_behind_an_intact_header_is_refused(tmp_path):
+    """Issue 13, case 8: Pillow's load() decodes this file, to other pixels; its chunk checksum does not match."""
+    from bad_files import corrupt_png_keeping_checksums, silently_corrupt_png
+
+    path = tmp_path / "bad.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path)
+    assert verify_image(path) == (64, 48)
+    silently_corrupt_png(path)
+    with Image.open(path) as img:
+        img.load()  # no error from Pillow's decoder
+    for check in (verify_image, load_image):
+        with pytest.raises(ValueError, match="bad.png.*checksum"):
+            check(path)
+    # damage that keeps the checksums right passes verify_image, and the full decode catches it
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise)
+    corrupt_png_keeping_checksums(noise)
+    assert verify_image(noise) == (32, 32)
+    with pytest.raises(ValueError, match="noise.png"):
+        load_image(noise)
 
 
 # --- preprocess ------------------------------------------------------------------------------------

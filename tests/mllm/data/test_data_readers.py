@@ -80,7 +80,7 @@ def test_jsonl_skips_bad_lines(tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n\n")
     skipped = Counter()
     assert list(read_samples(tmp_path / "data.jsonl", skipped=skipped)) == expected_llava(tmp_path)
-    assert skipped == {"bad record": 3}
+    assert skipped == {"malformed JSON": 1, "wrong type": 1, "bad image entry": 1}
 
 
 def test_hf_save_to_disk_and_parquet(tmp_path):

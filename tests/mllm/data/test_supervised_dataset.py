@@ -127,9 +127,11 @@ def test_truncation_keeps_image_spans(tok, make_image):
     # the cut would fall inside the image span (image after the text) -> skipped, never cut
     late = sample("late", [img], question="Look " * 30 + "<image>", answer="ok")
     n = make_ds([late], tok, max_seq_len=4096).lengths[0]
-    ds2 = make_ds([s, late], tok, max_seq_len=n - 3)
-    assert [r.id for r in ds2.records] == ["long"] and ds2.skipped == {"too long": 1}
-    # a cut after the image that would keep no supervised token -> skipped
+    ds2 = make_ds([sample("short", [img]), late], tok, max_seq_len=n - 15)
+    assert [r.id for r in ds2.records] == ["short"] and ds2.skipped == {"too long": 1}
+    # a cut after the image that would keep no supervised token -> skipped, for that reason
+    ds3 = make_ds([s, late], tok, max_seq_len=n - 3)
+    assert [r.id for r in ds3.records] == ["long"] and ds3.skipped == {"all labels masked": 1}
     wordy = sample("wordy", [img], question="<image>" + " blue" * 60, answer="ok")
     m = make_ds([wordy], tok, max_seq_len=4096).lengths[0]
     with pytest.raises(ValueError, match="'wordy'.*too long|max_seq_len"):
@@ -137,11 +139,13 @@ def test_truncation_keeps_image_spans(tok, make_image):
 
 
 def test_corrupt_data_found_at_load(tok, make_image, tmp_path):
-    png = noise_png(tmp_path / "trunc.png")
-    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # header intact, pixel data cut
+    from bad_files import corrupt_png_keeping_checksums
+
+    # damage that the checksums do not show: only decoding finds it
+    png = corrupt_png_keeping_checksums(noise_png(tmp_path / "bad.png"))
     samples = [sample("s0", [make_image("a.png")]), sample("bad", [png]), sample("s2", [make_image("c.png")])]
     ds = make_ds(samples, tok)
-    assert len(ds) == 3 and not ds.skipped  # the header parses
+    assert len(ds) == 3 and not ds.skipped  # the header parses, the checksums match
     expected = ds[2]
     got = ds[1]  # the next good sample, deterministically
     assert torch.equal(got["input_ids"], expected["input_ids"])

@@ -186,3 +186,80 @@ def test_cli_entry_point(tmp_path, monkeypatch):
     assert main([str(tok_dir), str(data), "--out", str(tmp_path / "out"), "--no-progress", "area=9216"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["preprocess"]["area"] == 9216 and manifest["counts"]["encoded"] == 2
+
+
+# --- issue 13: an extraction that failed says so, and bad inputs are failures, not codes ---------------
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("tok") / "tok"
+    tok.save_pretrained(path)
+    return path
+
+
+def run_cli(tok_dir, data, out, *extra) -> int:
+    return main([str(tok_dir), str(data), "--out", str(out), "--no-progress", "--workers", "1", *extra])
+
+
+def failed_keys(out: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def test_an_extraction_where_every_image_fails_exits_nonzero(tmp_path, tok_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    data = write_dataset(tmp_path / "data", n=2, corrupt=True)
+    for png in (tmp_path / "data").rglob("img*.png"):
+        png.write_bytes(b"not an image")
+    assert run_cli(tok_dir, data, tmp_path / "out") == 1
+    assert failed_keys(tmp_path / "out") == ["a/img1.png", "b/img0.png", "broken.png"]
+
+
+def test_more_failures_than_the_allowed_fraction_exit_nonzero(tmp_path, tok_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    data = write_dataset(tmp_path / "data", n=2, corrupt=True)  # 1 of 3 images fails
+    out = tmp_path / "out"
+    assert run_cli(tok_dir, data, out) == 1  # the default allows 10%
+    assert failed_keys(out) == ["broken.png"]
+    assert run_cli(tok_dir, data, out, "max_fail_fraction=0.5") == 0  # the finished shards are reused
+    assert failed_keys(out) == ["broken.png"]
+    with pytest.raises(ValueError, match="max_fail_fraction"):
+        run_cli(tok_dir, data, out, "max_fail_fraction=2")
+
+
+def test_png_with_corrupt_data_is_a_failure_not_codes(tmp_path, tok):
+    from bad_files import silently_corrupt_png
+
+    data = write_dataset(tmp_path / "data", n=2, corrupt=False)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "data" / "b" / "img0.png")
+    silently_corrupt_png(tmp_path / "data" / "b" / "img0.png")
+    manifest = extract(tok, data, tmp_path / "out", progress=False, num_workers=1)
+    assert manifest["counts"]["encoded"] == 1 and failed_keys(tmp_path / "out") == ["b/img0.png"]
+    assert "b/img0.png" not in CodeStore(tmp_path / "out")
+
+
+def test_a_webdataset_tar_given_by_a_relative_path(tmp_path, tok, monkeypatch):
+    import io
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    with tarfile.open("data/shard.tar", "w") as tar:
+        for i in range(3):
+            for name, body in ((f"k{i}.json", json.dumps({"conversations": CONV}).encode()),
+                               (f"k{i}.png", _png_bytes(40 + 8 * i))):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    manifest = extract(tok, "data/shard.tar", "out", progress=False, num_workers=1)
+    assert manifest["counts"]["encoded"] == 3 and manifest["counts"]["failed"] == 0
+    assert sorted(CodeStore("out").keys()) == ["k0.png", "k1.png", "k2.png"]
+
+
+def _png_bytes(size: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(size)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
