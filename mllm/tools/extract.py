@@ -42,11 +42,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mllm.data.codes import (  # noqa: F401  (CodeStore: re-exported, the reading side of extract)
+from mllm.data.codes import (
     FORMAT,
     FORMAT_VERSION,
     UINT16_MAX_CODEBOOK,
-    CodeStore,
     default_image_root,
     image_key,
     sha256_file,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.tools.extract import CodeStore, _code_type, _write_shard, extract, main, plan_batches, tokenizer_identity
+from mllm.data.codes import CodeStore, tokenizer_identity
+from mllm.tools.extract import _code_type, _write_shard, extract, main, plan_batches
 from viq.tokenizer import ViQTokenizer
 
 CONV = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test."}]
