@@ -2,10 +2,11 @@
 files are (or, with ``train.overwrite_output_dir=true``, those files removed first).
 
 The lock is ``output_dir/train.lock``, created with O_EXCL (atomic, also on NFS v3+), holding the holder's
-pid and host; the run removes it when it ends, also on an error. A kill leaves it behind. The next run
-takes over a lock whose pid is no longer alive on this host, and says so. A lock from another host is not
-taken over: no process here can tell whether that job still runs (a scheduler that requeues a killed job
-onto another node leaves one). The error names its pid and host; delete the file once that job is gone.
+pid and host. While the run lives, a daemon thread refreshes the file's mtime every ``HEARTBEAT_S``; the run
+removes the lock when it ends, also on an error. A kill leaves it behind, no longer refreshed. The next run
+takes over a lock whose holder is gone: at once when its pid is dead on this host, otherwise once the lock
+has not been refreshed for ``STALE_S`` (a job that a scheduler killed on one node and requeued on another),
+waiting at most that long. A lock that keeps being refreshed belongs to a live run: refused, naming it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from viq.configio import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "train.lock"
+HEARTBEAT_S = 20.0  # how often a live run refreshes its lock's mtime
+STALE_S = 90.0  # a lock not refreshed for this long is a dead run's
 LOG_FILE = "log.jsonl"
 # what a run writes into its output_dir besides checkpoint-N/ and staging folders: stage_report.json is
 # mllm.stages.report.REPORT_FILE (a layer above), data_summary.json mllm.data.dataset.DATA_SUMMARY, wandb/
@@ -38,13 +41,25 @@ RUN_FILES = (LOG_FILE, MLLM_CONFIG, VISUAL_WEIGHTS, LLM_DIR, VIQ_DIR, RUN_MARKER
              "data_summary.json", "wandb", "runs")
 
 
-@dataclass
 class RunLock:
-    path: Path
-    token: str
+    """A held ``train.lock``: refreshed by a daemon thread until ``release``."""
+
+    def __init__(self, path: Path, token: str):
+        self.path, self.token = path, token
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._refresh, name="viq-run-lock", daemon=True)
+        self._beat.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed or taken over: nothing left to keep alive
+                return
 
     def release(self) -> None:
         """Remove the lock if it is still this one (not one taken over after this process was presumed dead)."""
+        self._stop.set()
         if _read_lock(self.path).get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
@@ -67,9 +82,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale(held: dict) -> bool:
-    return (held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int)
-            and not _pid_alive(held["pid"]))
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _holder_gone(path: Path, held: dict) -> str | None:
+    """Why the lock's holder is gone, or None while it may be alive. A live holder on another host is only
+    known by its heartbeat: wait (bounded by STALE_S) for the lock to go stale or to be refreshed."""
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+        return None if _pid_alive(held["pid"]) else "no longer running on this host"
+    deadline = time.monotonic() + STALE_S + HEARTBEAT_S
+    while _age(path) <= STALE_S:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(min(HEARTBEAT_S, 1.0))
+    return f"its lock was not refreshed for {_age(path):.0f} s"
 
 
 def acquire_lock(out: Path) -> RunLock:
@@ -82,15 +112,16 @@ def acquire_lock(out: Path) -> RunLock:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             held = _read_lock(path)
-            if not _stale(held):
+            gone = _holder_gone(path, held)
+            if gone is None:
                 who = (f"pid {held.get('pid')} on host {held.get('host')} since {held.get('since')}" if held
                        else "a holder it does not name (unreadable)")
                 raise ConfigError(
-                    f"train.output_dir={str(out)!r} is in use by another training run: {path} is held by {who}. "
-                    "Wait for that run, or choose another train.output_dir; if that run is no longer alive "
-                    f"(killed on another node), delete {path}") from None
-            log.warning("taking over %s: its holder, pid %s on this host (%s), is no longer running",
-                        path, held["pid"], held["host"])
+                    f"train.output_dir={str(out)!r} is in use by another training run: {path} is held by {who}, "
+                    f"refreshed {_age(path):.0f} s ago. Wait for that run, or choose another train.output_dir"
+                ) from None
+            log.warning("taking over %s: its holder, pid %s on %s, is gone (%s)", path, held.get("pid"),
+                        held.get("host"), gone)
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as fh:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from mllm_helpers import RECIPES, debug_overrides, read_log, step_losses
 from mllm.cli import main
 from mllm.data.dataset import DATA_SUMMARY
 from mllm.stages.report import REPORT_FILE
-from mllm.train import ckpt_io
+from mllm.train import ckpt_io, rundir
 from mllm.train.rundir import LOCK_FILE, RUN_FILES, acquire_lock
 from viq.configio import ConfigError
 
@@ -204,7 +206,7 @@ def test_a_checkpoint_cut_short_under_its_marker_is_skipped(reference, demo_data
     assert weights.read_bytes() == (reference / "checkpoint-6" / "visual.safetensors").read_bytes()
 
 
-def test_a_second_trainer_into_a_folder_in_use_is_refused(demo_data, tmp_path, capsys, messages):
+def test_a_second_trainer_into_a_folder_in_use_is_refused(demo_data, tmp_path, capsys, messages, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     # a live process holds the lock: a trainer running there
@@ -222,10 +224,29 @@ def test_a_second_trainer_into_a_folder_in_use_is_refused(demo_data, tmp_path, c
     assert train(demo_data, out) == 0
     assert any("taking over" in m and f"pid {holder.pid}" in m for m in messages), messages
     assert not lock.exists(), "a run removes its lock when it ends"
-    # a lock held on another host is not taken over: this host cannot tell whether that job still runs
+    # a lock from another host is known alive only by its heartbeat: one that is not refreshed is a killed
+    # job's (requeued here by a scheduler) and is taken over once stale; one that is refreshed is refused
+    monkeypatch.setattr(rundir, "STALE_S", 0.6)
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.1)
     lock.write_text(json.dumps({"pid": holder.pid, "host": "another-node", "token": "t", "since": "x"}))
-    with pytest.raises(ConfigError, match=f"held by pid {holder.pid} on host another-node.*delete"):
-        acquire_lock(out)
+    taken = acquire_lock(out)
+    assert any("taking over" in m and "another-node" in m and "not refreshed" in m for m in messages), messages
+    taken.release()
+    lock.write_text(json.dumps({"pid": holder.pid, "host": "another-node", "token": "t", "since": "x"}))
+    stop = threading.Event()
+
+    def refresh():  # the live run's heartbeat
+        while not stop.wait(0.1):
+            os.utime(lock)
+
+    beat = threading.Thread(target=refresh)
+    beat.start()
+    try:
+        with pytest.raises(ConfigError, match=f"held by pid {holder.pid} on host another-node"):
+            acquire_lock(out)
+    finally:
+        stop.set()
+        beat.join()
     # the same process's own lock: released only by the one that holds it
     lock.unlink()
     mine = acquire_lock(out)
