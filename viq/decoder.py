@@ -19,7 +19,14 @@ from viq.quantize import FSQ
 
 class CodeEmbedder(nn.Module):
     """Indices (or codes) -> features: codebook lookup, Linear d -> C, merge the E sub-codes of a patch
-    (MLP E*C -> C), post MLP + residual MLPs, learned per-channel affine."""
+    (MLP E*C -> C), post MLP + residual MLPs, learned per-channel affine.
+
+    ``project_out``, the concatenation of the E sub-codes and ``merge_mlp.fc1`` are linear with nothing
+    between them, so the forward applies them as one folded map from the E*d raw code values to E*C
+    (:meth:`folded_input_map`): 16*C^2 multiply-adds per patch become 4*d*4*C. The parameters stay unfolded
+    (the file format and the released-weights loader do not change); a forward that needs their gradients
+    folds them inside the graph, one that does not reuses a cached fold until a weight changes.
+    """
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -37,6 +44,7 @@ class CodeEmbedder(nn.Module):
                                          for _ in range(cfg.post_blocks))
         self.affine_weight = nn.Parameter(torch.ones(c))
         self.affine_bias = nn.Parameter(torch.zeros(c))
+        self._fold_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def codebook_size(self) -> int:
@@ -44,10 +52,40 @@ class CodeEmbedder(nn.Module):
             raise ValueError("a proximal-stage head has no codebook")
         return self.codebook.shape[0]
 
+    def folded_input_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fc1(concat_k(P c_k + p)) = sum_k W_k P c_k + (b + sum_k W_k p)``, with ``W_k`` the k-th ``[E*C, C]``
+        column block of fc1: the weight ``[E*C, E*d]`` and bias ``[E*C]`` of one map from the raw codes."""
+        e, c = self.cfg.expand, self.cfg.width
+        proj, fc1 = self.project_out, self.merge_mlp.fc1
+        blocks_OEC = fc1.weight.reshape(e * c, e, c)
+        weight = torch.einsum("okc,cd->okd", blocks_OEC, proj.weight).reshape(e * c, -1)
+        return weight, fc1.bias + blocks_OEC.sum(1) @ proj.bias
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = (self.project_out.weight, self.project_out.bias, self.merge_mlp.fc1.weight, self.merge_mlp.fc1.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return self.folded_input_map()  # inside the graph: exact gradients for the unfolded parameters
+        # the version counters move with every in-place update (optimizer step, load_state_dict, copy_)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any later graph
+                self._fold_cache = (key, self.folded_input_map())
+        return self._fold_cache[1]
+
+    def _partitioned(self) -> bool:
+        # DeepSpeed ZeRO-3 gathers a submodule's weights only when that submodule runs: a fold that reads
+        # them from here would see empty shards, so partitioned weights take the unfolded path
+        return any(hasattr(t, "ds_id") for t in (self.project_out.weight, self.merge_mlp.fc1.weight))
+
     def forward_codes(self, codes_NEd: torch.Tensor) -> torch.Tensor:
         n = codes_NEd.shape[0]
-        x = self.project_out(codes_NEd.to(self.project_out.weight.dtype)).reshape(n, -1)
-        x = self.post_mlp(self.merge_mlp(x))
+        mlp = self.merge_mlp
+        if self._partitioned():
+            x = mlp(self.project_out(codes_NEd.to(self.project_out.weight.dtype)).reshape(n, -1))
+        else:
+            weight, bias = self._folded()
+            x = mlp.fc2(mlp.act(F.linear(codes_NEd.reshape(n, -1).to(weight.dtype), weight, bias)))
+        x = self.post_mlp(x)
         for blk in self.post_blocks:
             x = blk(x)
         return x * self.affine_weight + self.affine_bias
