@@ -313,7 +313,9 @@ def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None) -
     total = 0.0
     for h_, w_ in grids:
         n = h_ * w_
-        embedder = n * 2.0 * ((e * w) ** 2 + e * w * w + 2 * w * w + head.post_blocks * 2 * w * head.post_hidden)
+        # the folded input map (viq.decoder.CodeEmbedder): E*d raw code values -> E*C, then fc2, post MLP, blocks
+        embedder = n * 2.0 * (e * head.code_dim * e * w + e * w * w + 2 * w * w
+                              + head.post_blocks * 2 * w * head.post_hidden)
         if path == "embedder":
             total += embedder
             continue
