@@ -281,7 +281,7 @@ def extract(
                 tok, items[s * shard_size : (s + 1) * shard_size], base, batch_patches, pool, pbar
             )
             _save_shard(out, shard_name(s, n_shards), rows, failures, code_type)
-    return finalize(out, plan, dataset_path, n_samples)
+    return finalize(out, plan, dataset_path, n_samples, dict(items))
 
 
 def _plan(tok: ViQTokenizer, identity: dict, base, items: list, batch_patches: int, shard_size: int) -> dict:
@@ -311,7 +311,24 @@ def _save_shard(out: Path, name: str, rows, failures, code_type) -> None:
     _write_shard(out / f"{name}.parquet", rows, code_type)
 
 
-def finalize(out: Path, plan: dict, dataset_path, n_samples: int) -> dict | None:
+def storage_report(out: Path, shards: list[dict], refs: dict[str, ImageRef], patch_size: int) -> dict:
+    """Bytes per encoded image: the code shards on disk, the image as RGB at its encoded size, and its source
+    file; the ratios check the paper's "1/96 of the raw size" (4 uint16 codes per 16x16x3-byte patch)."""
+    keys, raw = [], 0
+    for shard in shards:
+        table = pq.read_table(out / shard["file"], columns=["key", "h", "w"])
+        keys += table.column("key").to_pylist()
+        raw += int((table.column("h").to_numpy().astype(np.int64) * table.column("w").to_numpy()).sum())
+    n = max(len(keys), 1)
+    codes = sum(s["bytes"] for s in shards)
+    source = sum(Path(refs[k].path).stat().st_size for k in keys if k in refs and Path(refs[k].path).is_file())
+    raw *= patch_size * patch_size * 3
+    return {"code_bytes_per_image": codes / n, "raw_rgb_bytes_per_image": raw / n,
+            "source_file_bytes_per_image": source / n,
+            "codes_over_raw_rgb": codes / raw if raw else None, "codes_over_source": codes / source if source else None}
+
+
+def finalize(out: Path, plan: dict, dataset_path, n_samples: int, refs: dict[str, ImageRef]) -> dict | None:
     """Write failures.jsonl and manifest.json if every shard exists; return the manifest (or None)."""
     n = plan["n_shards"]
     names = [shard_name(s, n) for s in range(n)]
@@ -344,6 +361,7 @@ def finalize(out: Path, plan: dict, dataset_path, n_samples: int) -> dict | None
             "shards": n,
         },
         "shards": shards,
+        "storage": storage_report(out, shards, refs, plan["patch_size"]),
     }
     text = "".join(json.dumps(f) + "\n" for f in sorted(failures, key=lambda f: f["key"]))
     _atomic_write(out / "failures.jsonl", lambda tmp: tmp.write_text(text))

@@ -264,3 +264,21 @@ def _png_bytes(size: int) -> bytes:
     rng = np.random.default_rng(size)
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_manifest_reports_storage_per_image(tmp_path):
+    # the paper's 1/96: 4 two-byte codes per 16x16 patch of 3-byte pixels; Parquet's compression moves it
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"im{i}.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": str(i), "image": f"im{i}.png", "conversations": CONV} for i in range(3)]))
+    manifest = extract(ViQTokenizer.from_preset("debug"), data, tmp_path / "codes", preprocess={"area": 4096},
+                       progress=False)
+    st = manifest["storage"]
+    assert st["raw_rgb_bytes_per_image"] == 64 * 64 * 3
+    assert st["source_file_bytes_per_image"] == sum((tmp_path / f"im{i}.png").stat().st_size for i in range(3)) / 3
+    shard_bytes = sum(s["bytes"] for s in manifest["shards"])
+    assert st["code_bytes_per_image"] == shard_bytes / 3
+    assert st["codes_over_raw_rgb"] == pytest.approx(shard_bytes / (3 * 64 * 64 * 3))
