@@ -295,7 +295,7 @@ def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
                 "saving_vs_continuous_trainable": _sub1(ratio(off, t.get(("continuous-trainable", True))), neg=True),
                 "saving_vs_viq_online": _sub1(ratio(off, t.get(("viq-online", True))), neg=True),
                 "paper_saving": None if paper is None else 1 - paper[0] / paper[1],
-                "embedder_flops_fraction": None if emb is None else emb["visual_flops"] / emb["llm_flops"],
+                "embedder_step_flop_share": None if emb is None else emb["visual_flops"] / emb["llm_flops"],
                 "packed_speedup": {m: ratio(t.get((m, False)), t.get((m, True))) for m in cfg.padded_modes},
             }
         )
@@ -381,7 +381,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| LLM | seq | saving vs continuous | paper | vs continuous-trainable | offline over text-only | "
-        "embedder FLOPs / LLM | " + " | ".join(f"packed/padded {m}" for m in modes) + " |",
+        "embedder share of step FLOPs | " + " | ".join(f"packed/padded {m}" for m in modes) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(modes),
     ]
     for s in result["summary"]:
@@ -390,7 +390,7 @@ def markdown(result: dict) -> str:
             f"| {s['llm']} | {s['seq_len']} | {_pct(s['saving_vs_continuous'])} | "
             f"{_pct(s['paper_saving'])} | "
             f"{_pct(s['saving_vs_continuous_trainable'])} | {_pct(s['overhead_vs_text_only'])} | "
-            f"{_pct(s['embedder_flops_fraction'])} | {speedups} |"
+            f"{_pct(s['embedder_step_flop_share'])} | {speedups} |"
         )
     return "\n".join(lines) + "\n"
 
