@@ -15,8 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mllm.data.layout import num_image_tokens
+from mllm.model.loss import supervised_lm_loss
 from mllm.model.projector import Projector
 from viq.encoder import Encoder
 from viq.head import HeadOutput
@@ -72,7 +74,9 @@ class VisualInput(nn.Module):
         else:
             self.embedder = tokenizer.head.embedder
 
-    def forward(self, pixel_values=None, codes=None, image_grids=None) -> list[torch.Tensor]:
+    def forward(self, pixel_values=None, codes=None, image_grids=None) -> torch.Tensor:
+        """The packed features ``[N, C]`` of all images, image after image (``h*w`` rows each): one tensor, not
+        one per image, for the reason given in mllm.model.projector.Projector.forward."""
         if self.mode == "discrete":
             return self._from_codes(codes, image_grids)
         if pixel_values is None:
@@ -82,9 +86,9 @@ class VisualInput(nn.Module):
         feats = head.features if head is not None else self.encoder.norm(t.trunk_ND)
         if self.keep_trace:
             self.trace = VisualTrace(t.trunk_ND, head, t.grids, t.cu, t.max_len)
-        return list(feats.split([h * w for h, w in t.grids]))
+        return feats
 
-    def _from_codes(self, codes, image_grids) -> list[torch.Tensor]:
+    def _from_codes(self, codes, image_grids) -> torch.Tensor:
         if codes is None or image_grids is None:
             raise ValueError("the discrete visual input needs codes and image_grids")
         grids = [tuple(int(v) for v in g) for g in image_grids]
@@ -92,8 +96,7 @@ class VisualInput(nn.Module):
         flat = torch.cat(list(codes)) if isinstance(codes, (list, tuple)) else codes.reshape(-1)
         if flat.numel() != sum(sizes):
             raise ValueError(f"{flat.numel()} codes do not match the grids {grids} ({sum(sizes)} expected)")
-        feats = self.embedder(flat.to(self.embedder.project_out.weight.device).reshape(-1, self.codes_per_patch))
-        return list(feats.split([h * w for h, w in grids]))
+        return self.embedder(flat.to(self.embedder.project_out.weight.device).reshape(-1, self.codes_per_patch))
 
 
 class MLLM(nn.Module):
@@ -112,7 +115,7 @@ class MLLM(nn.Module):
     def image_embeddings(self, pixel_values=None, codes=None, image_grids=None) -> torch.Tensor:
         grids = [tuple(int(v) for v in g) for g in image_grids]
         feats = self.visual(pixel_values=pixel_values, codes=codes, image_grids=grids)
-        return torch.cat(self.projector(feats, grids))
+        return self.projector(feats, grids)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, codes=None, image_grids=None):
         embeds = self.llm.get_input_embeddings()(input_ids)
@@ -150,5 +153,12 @@ class MLLM(nn.Module):
                 codes=None, image_grids=None, **kwargs):
         embeds = self.embed_inputs(input_ids, pixel_values, codes, image_grids)
         kwargs.pop("cu_seq_lens", None)  # transformers derives packed boundaries from position_ids
-        return self.llm(inputs_embeds=embeds, labels=labels, position_ids=position_ids,
-                        attention_mask=attention_mask, use_cache=False, **kwargs)
+        if labels is None or getattr(self.llm.config, "final_logit_softcapping", None):
+            return self.llm(inputs_embeds=embeds, labels=labels, position_ids=position_ids,
+                            attention_mask=attention_mask, use_cache=False, **kwargs)
+        # training: the loss over the supervised positions only (mllm.model.loss), no full-vocabulary logits
+        items = kwargs.pop("num_items_in_batch", None)
+        out = self.llm.get_decoder()(inputs_embeds=embeds, position_ids=position_ids,
+                                     attention_mask=attention_mask, use_cache=False, **kwargs)
+        loss = supervised_lm_loss(out.last_hidden_state, self.llm.get_output_embeddings(), labels, items)
+        return CausalLMOutputWithPast(loss=loss)
