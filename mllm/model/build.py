@@ -170,7 +170,8 @@ def build_mllm(cfg: RecipeConfig, *, cuda: bool | None = None) -> BuiltModel:
     attn = resolve_attention(cfg.model.attn_implementation, cuda)
     # a fully trained LLM keeps fp32 master weights; a LoRA or frozen base is stored in the compute dtype
     llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
-    llm, text_tok = load_llm(cfg.model.llm, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    llm, text_tok = load_llm(cfg.model.llm, init=cfg.model.llm_init, dtype=llm_dtype, attn_implementation=attn,
+                              seed=cfg.train.seed)
     llm.config.use_cache = False
     viq_tok = load_viq(cfg.model.tokenizer, seed=cfg.train.seed, what="model.tokenizer")
     identity = tokenizer_identity(viq_tok) if cfg.data.codes else None

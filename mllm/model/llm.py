@@ -1,8 +1,13 @@
-"""Base language models: a local Hugging Face directory, a hub id, or a named shape preset.
+"""Base language models: a local Hugging Face directory, a hub id, or a named preset.
 
-Presets carry the published shapes of each family (random weights, no download) so that recipes,
-benchmarks and dry runs use the real arithmetic; their tokenizer is the project's small BPE
-(mllm.model.text_tokenizer), whose ids all fall inside the preset's vocabulary.
+A family preset names a published checkpoint (PRESET_HUB_IDS: ``qwen2.5-0.5b`` is
+``Qwen/Qwen2.5-0.5B-Instruct``) and loads it like any hub id. Its random-weight shape, for benchmarks,
+dry runs, tests and the debug twins, must be asked for with ``model.llm_init: random``: it then uses the
+project's small BPE (mllm.model.text_tokenizer), whose ids all fall inside the preset's vocabulary, and
+the build's first log line says that the weights are random. The tiny presets (``debug``, ``demo``, ...)
+have no checkpoint and exist only as random shapes, so they need ``llm_init: random`` too: random weights
+are never a silent fallback. ``llm_init`` decides only what a preset name means; a directory or hub id is
+always loaded with its weights (a trained run's ``llm/`` directory, an export).
 
 A value that looks like a path (``./``, ``../``, ``/``, ``~``, an existing file or folder, or one whose
 parent folder exists) is a local directory and never becomes a hub request. A hub id is read from the
@@ -66,6 +71,25 @@ LLM_PRESETS: dict[str, dict] = {
     "debug-llama": _shape(_LLAMA3, 64, 128, 2, 4, 2, False, vocab_size=2304, max_position_embeddings=4096),
 }
 
+# the checkpoint each family preset stands for (the instruction-tuned one, which the chat recipes fine-tune)
+PRESET_HUB_IDS: dict[str, str] = {
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+}
+LLM_INITS = ("pretrained", "random")
+
 # LoRA targets per model_type: every projection of attention and MLP (as the ViQ authors' DoRA setup)
 LORA_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -81,30 +105,57 @@ def preset_config(name: str):
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def load_llm(spec: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-             seed: int = 0, device: str | torch.device = "meta_ok") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``spec``: a preset name, a local HF directory, or a hub id. Returns (model, tokenizer) with the
-    ``<image>`` placeholder registered in the tokenizer (and the embedding resized if it did not fit)."""
-    if spec in LLM_PRESETS:
+def load_llm(spec: str, *, init: str = "pretrained", dtype: torch.dtype = torch.float32,
+             attn_implementation: str = "sdpa", seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``spec``: a preset name, a local HF directory, or a hub id; ``init``: what a preset name means (its
+    checkpoint, or its random shape seeded by ``seed``). Returns (model, tokenizer) with the ``<image>``
+    placeholder registered in the tokenizer (and the embedding resized if it did not fit)."""
+    if random_shape(spec, init):
+        log.warning("model.llm=%s: RANDOM weights (model.llm_init: random), the preset's shape only and the "
+                    "project's small BPE; nothing pretrained", spec)
         cfg = preset_config(spec)
         cfg._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     else:
-        model = from_pretrained(AutoModelForCausalLM, llm_source(spec), dtype=dtype,
+        model = from_pretrained(AutoModelForCausalLM, weights_source(spec), dtype=dtype,
                                 attn_implementation=attn_implementation)
-    tokenizer = load_text_tokenizer(spec)
+    tokenizer = load_text_tokenizer(spec, init=init)
     ensure_image_token(model, tokenizer)
     return model, tokenizer
 
 
-def load_text_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+def load_text_tokenizer(spec: str, *, init: str = "pretrained") -> PreTrainedTokenizerBase:
     """The text tokenizer of ``spec`` (as ``load_llm`` names it) with ``<image>`` registered, without the
     model's weights: for tools that only render data."""
-    tokenizer = build_tokenizer() if spec in LLM_PRESETS else from_pretrained(AutoTokenizer, llm_source(spec))
+    if random_shape(spec, init):
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = from_pretrained(AutoTokenizer, weights_source(spec))
     register_image_token(tokenizer)
     return tokenizer
+
+
+def random_shape(spec: str, init: str) -> bool:
+    """Whether ``spec`` under ``model.llm_init=init`` is a preset's random shape (else real weights)."""
+    if init not in LLM_INITS:
+        raise ValueError(f"model.llm_init must be one of {LLM_INITS}, got {init!r}")
+    return init == "random" and spec in LLM_PRESETS
+
+
+def weights_source(spec: str) -> Path | str:
+    """Where the weights of ``spec`` come from: a local directory (Path) or a hub id (str). A shape-only
+    preset has none: the error says how to ask for its random weights, and why LoRA cannot use them."""
+    if spec not in LLM_PRESETS:
+        return llm_source(spec)
+    if spec in PRESET_HUB_IDS:
+        return PRESET_HUB_IDS[spec]
+    raise ValueError(
+        f"model.llm={spec!r} is a shape without pretrained weights (the presets with a checkpoint: "
+        f"{', '.join(sorted(PRESET_HUB_IDS))}). Built, it would start from random weights, on which LoRA or a "
+        f"frozen LLM learns nothing useful. Say `model.llm_init: random` in the recipe to build it anyway (tests, "
+        f"benchmarks, dry runs), or name real weights: a preset with a checkpoint, a local HF directory, a hub id")
 
 
 def looks_like_path(spec: str) -> bool:
@@ -158,7 +209,8 @@ def from_pretrained(loader, source: Path | str, what: str = "model.llm", **kwarg
                 loaded.config.name_or_path = source
             return loaded
     how = (f"download it where the hub can be reached (`hf download {source} --local-dir DIR`) and set "
-           f"{what}=DIR, or name a preset ({', '.join(sorted(LLM_PRESETS))})")
+           f"{what}=DIR (`viq prepare-llm smollm2-135m-instruct DIR` makes a small real one offline); a preset's "
+           "random-weight shape, for tests and benchmarks only, needs model.llm_init: random")
     missing = f"{what} {source!r} is not (fully) in the Hugging Face cache ({hf_constants.HF_HUB_CACHE})"
     if hf_constants.HF_HUB_OFFLINE:
         raise ValueError(f"{missing} and hub access is off (HF_HUB_OFFLINE): {how}") from cache_miss

@@ -31,9 +31,15 @@ def supervised_lm_loss(hidden_BTH: torch.Tensor, lm_head: nn.Module, labels_BT: 
     def chunk_sum(h_MH: torch.Tensor, t_M: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(lm_head(h_MH).float(), t_M, reduction="sum")
 
+    n = hidden_MH.shape[0]
+    # every rank must call the LM head the same number of times: DDP needs its weight used on every rank, and
+    # ZeRO-3 records the order of gathered modules and hangs when ranks differ. So at least one call (on no
+    # rows when a rank has no supervised token), and one call in all under ZeRO-3 partitioning, where the
+    # chunk count would follow each rank's own token count.
+    step = max(n, 1) if hasattr(getattr(lm_head, "weight", None), "ds_id") else chunk_tokens
     total = hidden_BTH.new_zeros((), dtype=torch.float32)
-    for lo in range(0, hidden_MH.shape[0], chunk_tokens):
-        h, t = hidden_MH[lo:lo + chunk_tokens], target_M[lo:lo + chunk_tokens]
+    for lo in range(0, max(n, 1), step):
+        h, t = hidden_MH[lo:lo + step], target_M[lo:lo + step]
         total = total + (checkpoint(chunk_sum, h, t, use_reentrant=False) if torch.is_grad_enabled()
                          else chunk_sum(h, t))
     if num_items_in_batch is None:

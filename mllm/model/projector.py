@@ -71,19 +71,21 @@ class Projector(nn.Module):
         """
         return standardise_linear_(self.proj1, self.proj1(torch.cat(feats).to(self.proj1.weight)))
 
-    def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Per-image features -> per-image LLM embeddings, ``num_image_tokens(h, w)`` each.
+    def forward(self, feats_NC: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Packed features of the images (``[N, C]``, image after image) -> their packed LLM embeddings
+        ``[sum of num_image_tokens(h, w), H]``; ``split_images`` cuts them per image.
 
-        Every layer runs once over all images of the batch (not once per image), so the number of
-        parameter uses per step is the same on every rank whatever its image count (ZeRO-3 relies on it).
+        Every layer runs once over all images of the batch, and the output is one tensor whatever the image
+        count: ZeRO-3 attaches its pre-backward parameter fetch to each output tensor of a module and records
+        the module in its fetch trace once per tensor, so a list of per-image outputs made ranks with
+        different image counts record different traces and fail at the next step.
         """
-        if len(feats) != len(grids):
-            raise ValueError(f"{len(feats)} feature tensors for {len(grids)} grids")
+        sizes = [h * w for h, w in grids]
+        if feats_NC.shape[0] != sum(sizes):
+            raise ValueError(f"{feats_NC.shape[0]} features do not match the patch grids {grids} ({sum(sizes)})")
         windows = []
-        for x_NC, (h, w) in zip(feats, grids, strict=True):
+        for x_NC, (h, w) in zip(feats_NC.split(sizes), grids, strict=True):
             num_image_tokens(h, w)
-            if x_NC.shape[0] != h * w:
-                raise ValueError(f"{x_NC.shape[0]} features do not match the patch grid ({h}, {w})")
             # [h*w, C] -> [(h/2)*(w/2), 4, C]: each 2x2 window's vectors, windows in raster order
             windows.append(x_NC.reshape(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(-1, 4, x_NC.shape[1]))
         pooled = self.proj2(F.gelu(self.pool(self.proj1(torch.cat(windows)))))
@@ -93,6 +95,11 @@ class Projector(nn.Module):
             rows = pooled[start:start + n].reshape(h // 2, w // 2, -1)
             start += n
             rows = torch.cat([rows, self.image_newline.to(rows.dtype).expand(h // 2, 1, -1)], dim=1)
-            out.append(torch.cat([self.image_begin.to(rows.dtype)[None], rows.reshape(-1, rows.shape[-1]),
-                                  self.image_end.to(rows.dtype)[None]]))
-        return out
+            out += [self.image_begin.to(rows.dtype)[None], rows.reshape(-1, rows.shape[-1]),
+                    self.image_end.to(rows.dtype)[None]]
+        return torch.cat(out)
+
+
+def split_images(packed: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The per-image LLM embeddings of a ``Projector`` output."""
+    return list(packed.split([num_image_tokens(h, w) for h, w in grids]))

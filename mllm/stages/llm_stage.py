@@ -49,7 +49,7 @@ from mllm.stages.metrics import StageMetrics, code_stability
 from mllm.stages.report import REPORT_FILE, parameter_counts, stage_report, write_report
 from mllm.train.checkpoint import load_checkpoint_weights
 from mllm.train.restart import mark_run_complete, train_or_restore
-from mllm.train.trainer import MLLMTrainer, calibrate_projector, leading_items, prepare_trainer
+from mllm.train.trainer import MLLMTrainer, calibrate_projector, full_parameters, leading_items, prepare_trainer
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple
@@ -198,7 +198,9 @@ def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, 
     llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
     continues = stage.llm_from_init and not dry_run
     llm_spec, adapter, init_visual = init_language_side(cfg) if continues else (cfg.model.llm, None, None)
-    llm, text_tok = load_llm(llm_spec, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
+    # a dry run reads no weight files: a preset stands for its shape there
+    llm_init = "random" if dry_run else cfg.model.llm_init
+    llm, text_tok = load_llm(llm_spec, init=llm_init, dtype=llm_dtype, attn_implementation=attn, seed=cfg.train.seed)
     if adapter is not None:
         llm = merge_adapter(llm, adapter)
     llm.config.use_cache = False
@@ -257,11 +259,6 @@ def run_llm_stage(cfg: RecipeConfig) -> Path:
 
 
 def _train_stage(cfg: RecipeConfig, trainer: MLLMTrainer) -> Path:
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        # ViQTokenizer.save_pretrained writes the module's own (here: partitioned) tensors
-        raise ValueError(f"train.deepspeed={cfg.train.deepspeed!r} is ZeRO-3; the tokenizer stages save the "
-                         "tokenizer from unpartitioned weights: use recipes/deepspeed/zero2.json")
     model: TokenizerStageModel = trainer.accelerator.unwrap_model(trainer.model)
     out, fresh = Path(cfg.train.output_dir), trainer.resume_from is None
 
@@ -281,9 +278,12 @@ def _train_stage(cfg: RecipeConfig, trainer: MLLMTrainer) -> Path:
         if trainer.eval_dataset is not None:
             trainer.evaluate()
     else:  # killed during its final save: the tokenizer is exported again from the last checkpoint
-        load_checkpoint_weights(model, trainer.resume_from)
-    if trainer.args.should_save:
-        model.tokenizer.save_pretrained(out / VIQ_DIR)
+        with full_parameters(model, modify=True):
+            load_checkpoint_weights(model, trainer.resume_from)
+    # ViQTokenizer.save_pretrained writes the module's own tensors: under ZeRO-3 gathered first, on every rank
+    with full_parameters(model.tokenizer):
+        if trainer.args.should_save:
+            model.tokenizer.save_pretrained(out / VIQ_DIR)
         last = [rec for rec in trainer.state.log_history if "lm_loss" in rec]
         write_report(out, {**model.stage_report, "final_metrics": last[-1] if last else {}})
         log.info("stage %s done: %s", cfg.stage.kind, out / VIQ_DIR)

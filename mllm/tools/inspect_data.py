@@ -92,7 +92,7 @@ def visual_patch_size(cfg: RecipeConfig) -> int:
 
 def _text_tokenizer(cfg: RecipeConfig):
     continues = cfg.stage is not None and cfg.stage.llm_from_init
-    return load_text_tokenizer(init_language_side(cfg)[0] if continues else cfg.model.llm)
+    return load_text_tokenizer(init_language_side(cfg)[0] if continues else cfg.model.llm, init=cfg.model.llm_init)
 
 
 def _image_source(cfg: RecipeConfig) -> str:

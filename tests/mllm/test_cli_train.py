@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mllm_helpers import RECIPES, REPO, debug_overrides, read_log, step_losses
 
-from mllm.cli import DELEGATED, _strip_local_rank, main
+from mllm.cli import DELEGATED, _strip_local_rank, main, single_process_rendezvous
+from mllm.config import load_recipe
 from mllm.model.layout import LLM_DIR, MLLM_CONFIG, VISUAL_WEIGHTS
+from mllm.train.trainer import training_arguments
+from viq.configio import ConfigError
 
 
 def test_debug_recipe_trains_and_loss_falls(demo_data, tmp_path):
@@ -90,6 +94,26 @@ VARIANTS = {
     "projector_only": ("pretrain_projector",),
     "embedder": ("sft_full", "trainable.embedder=true", "lr.embedder=1e-4"),
 }
+
+
+def test_one_plain_process_gets_the_rendezvous_a_launcher_would_set():
+    env = {"PATH": "/bin"}
+    single_process_rendezvous(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+    launched = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    single_process_rendezvous(before := dict(launched))
+    assert before == launched  # a launcher's world is left as it is
+    with pytest.raises(SystemExit, match="torchrun --nproc_per_node N -m mllm.cli train"):
+        single_process_rendezvous({"RANK": "1"})  # half a launch: say which launcher commands work
+
+
+def test_ddp_timeout_reaches_the_training_arguments(tmp_path):
+    cfg = load_recipe(RECIPES / "debug" / "sft_full.yaml", [f"train.output_dir={tmp_path}", "train.ddp_timeout=42"])
+    assert training_arguments(cfg, torch.float32, has_eval=False).ddp_timeout == 42
+    assert load_recipe(RECIPES / "debug" / "sft_full.yaml").train.ddp_timeout == 600  # minutes, not days
+    with pytest.raises(ConfigError, match="ddp_timeout"):
+        load_recipe(RECIPES / "debug" / "sft_full.yaml", ["train.ddp_timeout=0"])
 
 
 @pytest.mark.smoke

@@ -14,7 +14,7 @@ from mllm_helpers import RECIPES, REPO
 
 from mllm.cli import main
 from mllm.config import RecipeConfig, load_recipe, resolve_attention, resolve_dtype, save_recipe
-from mllm.model.llm import LLM_PRESETS, LORA_TARGETS, preset_config
+from mllm.model.llm import LLM_PRESETS, LORA_TARGETS, preset_config, random_shape, weights_source
 from viq.configio import ConfigError, load_yaml
 
 # recipes/bench/ holds `viq bench` configs, a different schema that mllm.tools.bench's tests load
@@ -54,6 +54,55 @@ def test_recipe_parses(path: Path, tmp_path):
     # the YAML is only a serialisation: dumping and loading gives the same tree
     save_recipe(cfg, tmp_path / "again.yaml")
     assert load_recipe(tmp_path / "again.yaml") == cfg
+
+
+def _chain(path: Path) -> list[Path]:
+    """The recipe file and the files it derives from (base:)."""
+    files = [path]
+    while (base := (yaml.safe_load(files[-1].read_text()) or {}).get("base")) is not None:
+        files.append((files[-1].parent / base).resolve())
+    return files
+
+
+def _demo_runs() -> list[tuple[str, Path, list[str], list[Path]]]:
+    """Every (name, recipe, overrides, files that say it) that `viq demo` trains through the LLM."""
+    runs = []
+    for demo in sorted((RECIPES / "demo").glob("*.yaml")):
+        raw = load_yaml(demo)
+        for recipe in raw.get("tokenizer_recipes") or []:
+            path = REPO / recipe
+            overrides = list(raw.get("tokenizer_overrides") or [])
+            runs.append((f"{demo.name}:{recipe}", path, overrides, [demo, *_chain(path)]))
+        path = REPO / raw["mllm_recipe"]
+        runs.append((f"{demo.name}:{raw['mllm_recipe']}", path, list(raw.get("mllm_overrides") or []),
+                     [demo, *_chain(path)]))
+    return runs
+
+
+RUNS = [(str(p.relative_to(RECIPES)), p, [], _chain(p)) for p in YAMLS] + _demo_runs()
+
+
+@pytest.mark.parametrize("name,path,overrides,files", RUNS, ids=[r[0] for r in RUNS])
+def test_no_recipe_trains_random_weights_without_saying_so(name, path, overrides, files):
+    cfg = load_recipe(path, overrides)  # a ViQ preset without tokenizer_init: random is refused here
+
+    def said(key: str) -> bool:
+        return any(f"{key}: random" in f.read_text() or f"{key}=random" in f.read_text() for f in files)
+
+    if random_shape(cfg.model.llm, cfg.model.llm_init):
+        assert said("llm_init"), f"{name} builds random LLM weights without saying llm_init: random in {files}"
+    else:
+        weights_source(cfg.model.llm)  # a shape-only preset raises: it has no weights
+    assert cfg.model.tokenizer_init == "pretrained" or said("tokenizer_init"), name
+
+
+def test_a_random_vision_tokenizer_must_be_asked_for():
+    with pytest.raises(ConfigError, match="model.tokenizer='so400m' is a ViQ architecture with random weights"):
+        load_recipe(RECIPES / "qwen2.5" / "sft_lora.yaml", ["model.tokenizer=so400m"])
+    cfg = load_recipe(RECIPES / "qwen2.5" / "sft_lora.yaml", ["model.tokenizer=so400m", "model.tokenizer_init=random"])
+    assert cfg.model.tokenizer_init == "random"
+    # a stage 1 whose tower comes from SigLIP2 uses no random tokenizer weights
+    assert load_recipe(RECIPES / "tokenizer" / "so400m" / "stage1.yaml").model.tokenizer == "so400m"
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])

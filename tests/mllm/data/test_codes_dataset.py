@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
     # a second annotation file whose last sample's image was never extracted
     extra = {"id": "new", "image": names[3], "conversations": conv("And this?")}
     (root / "more.json").write_text(json.dumps([*records, extra]))
-    llm, tok = load_llm("debug")
+    llm, tok = load_llm("debug", init="random")
     return root, data, vtok, llm, tok
 
 

@@ -52,3 +52,26 @@ def test_without_labels_the_logits_are_returned(demo_data, tmp_path):
     with torch.no_grad():
         out = model(input_ids=ids, position_ids=torch.arange(12)[None])
     assert out.logits.shape == (1, 12, model.llm.config.vocab_size) and out.loss is None
+
+
+def test_the_lm_head_runs_once_without_supervised_tokens_and_once_in_all_when_partitioned():
+    # every rank calls the head the same number of times (DDP, and ZeRO-3's recorded module order)
+    from mllm.model.loss import supervised_lm_loss
+
+    head = torch.nn.Linear(8, 11)
+    calls: list[int] = []
+    head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hidden = torch.randn(1, 40, 8, requires_grad=True)
+    none = torch.full((1, 40), -100)
+    loss = supervised_lm_loss(hidden, head, none, num_items_in_batch=torch.tensor(5), chunk_tokens=7)
+    loss.backward()
+    assert loss.item() == 0.0 and calls[0] == 0 and head.weight.grad is not None
+    calls.clear()
+    labels = torch.randint(0, 11, (1, 40))
+    with torch.no_grad():
+        chunked = supervised_lm_loss(hidden, head, labels, chunk_tokens=7)
+        assert len(calls) == 6  # 39 supervised positions in chunks of 7
+        head.weight.ds_id = 0  # as DeepSpeed marks a partitioned weight
+        calls.clear()
+        whole = supervised_lm_loss(hidden, head, labels, chunk_tokens=7)
+    assert calls == [39] and whole.item() == pytest.approx(chunked.item(), rel=1e-6)

@@ -1,7 +1,9 @@
-"""model.llm values that name a path never reach the hub; hub ids honour the offline setting and fail fast."""
+"""model.llm values that name a path never reach the hub; hub ids honour the offline setting and fail fast; a
+preset means its checkpoint, and its random shape only when model.llm_init says random."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -89,7 +91,7 @@ def test_uncached_hub_id_offline_never_asks_the_hub(monkeypatch):
 
 
 def test_a_local_directory_still_loads(tmp_path):
-    model, tok = load_llm("debug")
+    model, tok = load_llm("debug", init="random")
     model.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
     loaded, loaded_tok = load_llm(str(tmp_path / "llm"))
@@ -99,7 +101,7 @@ def test_a_local_directory_still_loads(tmp_path):
 
 
 def test_a_cached_hub_id_loads_without_asking_the_hub(tmp_path, monkeypatch):
-    model, tok = load_llm("debug")
+    model, tok = load_llm("debug", init="random")
     repo = tmp_path / "hub" / "models--viq-tests--cached-llm"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
@@ -117,3 +119,26 @@ def test_a_cached_hub_id_loads_without_asking_the_hub(tmp_path, monkeypatch):
     assert loaded_tok.get_vocab() == tok.get_vocab()
     # an adapter trained on it records the hub id as its base, not a folder of this machine's cache
     assert loaded.name_or_path == loaded.config.name_or_path == loaded_tok.name_or_path == "viq-tests/cached-llm"
+
+
+def test_a_shape_only_preset_needs_llm_init_random():
+    with pytest.raises(ValueError, match="llm_init: random") as err:
+        load_llm("debug")
+    assert "LoRA" in str(err.value) and "qwen2.5-0.5b" in str(err.value)
+    with pytest.raises(ValueError, match="llm_init must be one of"):
+        load_llm("debug", init="randomly")
+
+
+def test_a_family_preset_loads_its_checkpoint(monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", "/nonexistent-viq-test-cache")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE") as err:
+        load_llm("qwen2.5-0.5b")  # never a random Qwen2.5-shaped network in its place
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in str(err.value) and "llm_init: random" in str(err.value)
+
+
+def test_a_random_build_says_so_first(caplog):
+    with caplog.at_level(logging.INFO):
+        model, _ = load_llm("debug-llama", init="random", seed=1)
+    assert "RANDOM weights" in caplog.records[0].getMessage()
+    assert model.config.model_type == "llama"

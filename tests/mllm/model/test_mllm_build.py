@@ -80,7 +80,7 @@ def test_projector_calibration_on_the_training_codes(demo_data, tmp_path):
     for item in (trainer.train_dataset[i] for i in range(len(trainer.train_dataset))):
         for s in item if isinstance(item, list) else [item]:
             codes = trainer.code_encoder(s["pixel_values"])  # this recipe computes codes in the step
-            feats += trainer.model.visual(codes=codes, image_grids=s["image_grids"])
+            feats.append(trainer.model.visual(codes=codes, image_grids=s["image_grids"]))
             seen += 1
         if seen >= 8:
             break

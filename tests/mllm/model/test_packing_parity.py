@@ -23,8 +23,9 @@ TOL = 1e-5
 
 def recipe(llm: str, visual: str) -> RecipeConfig:
     return from_dict(RecipeConfig, {
-        "model": {"llm": llm, "llm_init": "random", "tokenizer": "debug", "visual": visual, "attn_implementation": "sdpa",
-                  "dtype": "float32"},
+        "model": {"llm": llm, "llm_init": "random", "tokenizer": "debug", "tokenizer_init": "random",
+                  "visual": visual,
+                  "attn_implementation": "sdpa", "dtype": "float32"},
         # everything trains, so that every gradient is compared
         "trainable": {"tower": visual == "continuous", "embedder": visual == "discrete", "projector": True,
                       "llm": "full"},
