@@ -214,5 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def run() -> None:
+    """The console script and ``python -m mllm.cli`` (what the launchers start): ``main``, then exit.
+
+    A multi-rank process ends with ``os._exit`` once every rank has reached the end: at interpreter
+    shutdown gloo's worker threads could still be destroying collectives whose tensors Python was freeing,
+    which aborted finished ZeRO-3 runs now and then ("terminate called without an active exception",
+    exit code -6) on busy machines. All outputs are written and closed before this point."""
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # bounded by train.ddp_timeout
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
