@@ -49,7 +49,8 @@ from mllm.stages.metrics import StageMetrics, code_stability
 from mllm.stages.report import REPORT_FILE, parameter_counts, stage_report, write_report
 from mllm.train.checkpoint import load_checkpoint_weights
 from mllm.train.restart import mark_run_complete, train_or_restore
-from mllm.train.trainer import MLLMTrainer, calibrate_projector, full_parameters, leading_items, prepare_trainer
+from mllm.train.trainer import MLLMTrainer, calibrate_projector, leading_items, prepare_trainer
+from mllm.train.zero import full_parameters
 from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple

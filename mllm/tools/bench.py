@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mllm.config import resolve_recipe
 from mllm.model.varlen_attn import register as register_varlen
 from mllm.tools import bench_plot
 from mllm.tools import bench_steps as steps
@@ -417,5 +418,5 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="bench recipe YAML (recipes/bench/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=3")
     args = parser.parse_args(argv)
-    run_bench(load_config(BenchConfig, args.recipe, args.overrides))
+    run_bench(load_config(BenchConfig, resolve_recipe(args.recipe), args.overrides))
     return 0

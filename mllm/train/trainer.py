@@ -19,7 +19,6 @@ Trainer passes ``num_items_in_batch`` down to the LLM's loss.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -44,12 +43,12 @@ from mllm.data.packing import PackedDataset, collate_packed, collate_padded
 from mllm.data.readers import read_samples, require_data_file
 from mllm.model.build import BuiltModel, build_mllm
 from mllm.model.layout import MLLM_CONFIG
-from mllm.model.llm import random_shape
 from mllm.train import ckpt_io
 from mllm.train.checkpoint import load_checkpoint_weights, save_checkpoint
 from mllm.train.optim import param_groups
 from mllm.train.restart import mark_run_complete, resume_target, train_or_restore
 from mllm.train.rundir import LOG_FILE, RunLock, claim_output_dir
+from mllm.train.zero import random_llm_outside_zero_init
 from viq.config import PreprocessConfig
 from viq.configio import to_dict
 
@@ -367,28 +366,6 @@ def _build_mllm(cfg: RecipeConfig, args: TrainingArguments) -> BuiltModel:
     return build_mllm(cfg)
 
 
-@contextlib.contextmanager
-def _random_llm_outside_zero_init(cfg: RecipeConfig, args: TrainingArguments) -> Iterator[None]:
-    """Under ZeRO-3, transformers builds the LLM inside ``deepspeed.zero.Init``: each module is partitioned as
-    it is made and its random initialisation runs gathered, module by module, drawing the generator in
-    another order than the plain build (step-1 loss 7.834 against 7.716 for the same seed). A random-weight
-    LLM (``model.llm_init: random``) is therefore built whole, as without ZeRO-3, and partitioned by
-    ``deepspeed.initialize`` as the visual side and the projector already are: the same initial weights
-    whatever the stage and world size, at the cost of one full copy of the model per rank while it is built.
-    Pretrained weights come from their files either way and keep the partitioned build."""
-    hf_ds = getattr(args, "hf_deepspeed_config", None)
-    if hf_ds is None or not hf_ds.is_zero3() or not random_shape(cfg.model.llm, cfg.model.llm_init):
-        yield
-        return
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(hf_ds)
-
-
 def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=None) -> MLLMTrainer:
     """Data, model and Trainer of a recipe, ready for ``train()``. ``build`` ((recipe, training arguments) ->
     BuiltModel) and ``sample_transform`` let the tokenizer stages (mllm.stages.llm_stage) reuse this wiring."""
@@ -414,7 +391,7 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
 
 def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_transform) -> MLLMTrainer:
     resume = resume_target(cfg)
-    with _random_llm_outside_zero_init(cfg, args):
+    with random_llm_outside_zero_init(cfg, args):
         built = build(cfg, args)
     with args.main_process_first(local=True, desc="data preparation"):
         train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, built.model.visual.patch_size,
@@ -431,21 +408,6 @@ def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_tran
     )
     trainer.resume_from = resume
     return trainer
-
-
-@contextlib.contextmanager
-def full_parameters(module: torch.nn.Module, modify: bool = False) -> Iterator[None]:
-    """The whole tensors of ``module``'s parameters inside the block, also where ZeRO-3 has partitioned them
-    (elsewhere a no-op). Every rank must enter: the gathering is collective. ``modify``: what rank 0 writes
-    into them is partitioned back on exit."""
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
-        yield
 
 
 def leading_items(dataset) -> Iterator[list[dict]]:

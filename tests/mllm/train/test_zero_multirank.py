@@ -5,7 +5,7 @@ Why the losses agree to ~1e-6: both runs see the same packs in the same order (r
 the pack that one rank puts at position r of its two-pack row), the loss is the token-weighted mean
 over the whole global batch in both (the Trainer passes num_items_in_batch, gathered across ranks),
 packing is exact, and the random-weight LLM starts from the same weights under every stage (built whole,
-then partitioned: mllm.train.trainer._random_llm_outside_zero_init). Only the order of floating-point sums
+then partitioned: mllm.train.zero.random_llm_outside_zero_init). Only the order of floating-point sums
 differs (two rows reduced across ranks vs one row), which moved the fp32 losses by ~1e-6 (relative 1e-7)
 over four steps when measured; 1e-4 relative leaves room for that, while another pack order or a mean of
 per-rank means instead of the token-weighted mean would change the loss by far more (different packs'
