@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from PIL import Image
 
+from mllm.train.rundir import LOG_FILE
 from viq import ViQTokenizer
 from viq.tokenizer import to_pil
 
@@ -59,7 +60,7 @@ class LossLog:
 
 
 def read_loss_log(run_dir: Path) -> LossLog:
-    path = Path(run_dir) / "log.jsonl"
+    path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return LossLog()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -398,7 +398,7 @@ def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_tran
                                                      sample_transform, built.viq_identity)
     if args.should_save:
         if resume is None or not (Path(cfg.train.output_dir) / MLLM_CONFIG).exists():  # else rewritten at the end
-            save_recipe(cfg, Path(cfg.train.output_dir) / "mllm_config.yaml")
+            save_recipe(cfg, Path(cfg.train.output_dir) / MLLM_CONFIG)
         write_data_summary(cfg.train.output_dir, train_ds, eval_ds)  # the skip counts, by reason
     _init_wandb(cfg, args)
     trainer = MLLMTrainer(
