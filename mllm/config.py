@@ -178,16 +178,28 @@ class StageConfig:
 
     kind: StageKind
     init: str | None = None  # previous stage's output dir, a ViQ tokenizer dir or preset; null: model.tokenizer
-    teacher: str | None = None  # ViQ tokenizer/stage dir, ViQ preset or SigLIP2 HF dir; null: the initial encoder
+    # original: the chain's starting tower (stage 1's model.siglip2 or init, recorded in every stage's report);
+    # previous: a frozen copy of this stage's initial encoder; or a ViQ dir/preset or SigLIP/SigLIP2 HF dir
+    teacher: str = "original"
     teacher_resolution: int = 384  # the teacher sees every image bilinearly resized to this square
+    pos_grid: int | None = None  # stage1: resample the tower's position table once to this side (the reference: 128)
     distill_weight: float = 10.0
     recon_weight: float = 1.0  # proximal, fsq (the decoder stage always reconstructs)
     feat_rec_weight: float = 0.0  # head features before the affine regressed onto its normalised input
     quantizer: Literal["fsq", "linf", "l2", "tanh", "none"] | None = None  # null: linf (proximal), fsq (fsq)
     levels: tuple[int, ...] | None = None  # fsq: FSQ levels; null: the init tokenizer's
     bottleneck_dim: int | None = None  # proximal: bottleneck width; null: the init tokenizer's
+    # proximal, fsq: where the head-wise blocks take patch positions from (viq.config.HeadConfig.position);
+    # null: the init tokenizer's
+    head_position: Literal["rope", "learnable", "none"] | None = None
+    # proximal: give the 2-1 head the head-wise blocks too (2-2 then loads them); the reference's has none
+    proximal_rope_blocks: bool = False
     area_range: tuple[int, int] | None = None  # sample each image's pixel area in [min, max] (log-uniform)
-    vae: str | None = None  # a VAE directory for a latent target (not implemented: pixel target only)
+    # what the head's reconstruction branch regresses (viq-paper.md §1.2, ablation (f)): vae_latent, the posterior
+    # mean of the frozen Qwen-Image VAE encoder at stage.vae (MSE; its decoder shows the reconstructions);
+    # pixels (MSE + the optional perceptual term); none (no reconstruction branch)
+    recon_target: Literal["vae_latent", "pixels", "none"] = "pixels"
+    vae: str | None = None  # recon_target=vae_latent: a Qwen-Image VAE directory in diffusers' format
     perceptual: str | None = None  # "file.py:name" or a TorchScript file: a frozen perceptual loss
     perceptual_weight: float = 1.0
     metrics_window: int = 50  # codebook usage and perplexity over the codes of the last K steps
@@ -200,9 +212,11 @@ class StageConfig:
     llm_from_init: bool = False
 
     def __post_init__(self):
-        if self.teacher_resolution <= 0 or self.teacher_resolution % 16:
-            raise ConfigError(f"stage.teacher_resolution must be a positive multiple of 16, got "
-                              f"{self.teacher_resolution}")
+        if self.teacher_resolution <= 0:
+            raise ConfigError(f"stage.teacher_resolution must be positive, got {self.teacher_resolution}")
+        if self.pos_grid is not None and (self.kind != "stage1" or self.pos_grid <= 0):
+            raise ConfigError(f"stage.pos_grid={self.pos_grid} applies to stage.kind=stage1 and must be positive "
+                              f"(got kind={self.kind})")
         for name in ("distill_weight", "recon_weight", "feat_rec_weight", "perceptual_weight", "noise_sigma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage.{name} must be >= 0, got {getattr(self, name)}")
@@ -214,12 +228,26 @@ class StageConfig:
         if self.kind == "stage1" and (self.recon_weight or self.feat_rec_weight):
             raise ConfigError("stage.kind=stage1 has no head, so no reconstruction: set stage.recon_weight=0 "
                               f"and stage.feat_rec_weight=0 (got {self.recon_weight}, {self.feat_rec_weight})")
+        if self.recon_target == "vae_latent" and self.kind != "stage1" and not self.vae:
+            raise ConfigError("stage.recon_target=vae_latent needs stage.vae: a Qwen-Image VAE directory in "
+                              "diffusers' format (the vae/ folder of Qwen/Qwen-Image)")
+        if self.kind == "decoder" and self.recon_target != "pixels":
+            raise ConfigError(f"stage.kind=decoder trains the RGB pixel decoder: stage.recon_target must be pixels, "
+                              f"got {self.recon_target!r}")
+        if self.perceptual and self.recon_target != "pixels":
+            raise ConfigError(f"stage.perceptual={self.perceptual!r} compares pixels: it needs stage.recon_target="
+                              f"pixels, got {self.recon_target!r}")
+        if self.vae and self.recon_target != "vae_latent":
+            raise ConfigError(f"stage.vae={self.vae!r} applies to stage.recon_target=vae_latent, not "
+                              f"{self.recon_target!r}")
         if self.llm_from_init and (self.init is None or self.kind == "decoder"):
             raise ConfigError(f"stage.llm_from_init needs an LLM stage with stage.init set (got kind={self.kind}, "
                               f"init={self.init})")
-        for name, kind in (("levels", "fsq"), ("bottleneck_dim", "proximal")):
-            if getattr(self, name) is not None and self.kind != kind:
+        for name, kind in (("levels", "fsq"), ("bottleneck_dim", "proximal"), ("proximal_rope_blocks", "proximal")):
+            if getattr(self, name) not in (None, False) and self.kind != kind:
                 raise ConfigError(f"stage.{name} applies to stage.kind={kind}, not {self.kind}")
+        if self.head_position is not None and self.kind not in ("proximal", "fsq"):
+            raise ConfigError(f"stage.head_position applies to stage.kind=proximal or fsq, not {self.kind}")
         wanted = {"proximal": ("linf", "l2", "tanh", "none"), "fsq": ("fsq",)}.get(self.kind)
         if self.quantizer is not None and (wanted is None or self.quantizer not in wanted):
             raise ConfigError(f"stage.quantizer={self.quantizer!r} does not fit stage.kind={self.kind!r} "

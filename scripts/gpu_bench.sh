@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU speed-up benchmark in one go (about ten minutes on one H100 or H200): the real shapes of
-# recipes/bench/gpu.yaml for Qwen2.5-0.5B and 1.5B at 4K and 16K tokens, bf16, every mode interleaved.
+# recipes/bench/gpu.yaml for Qwen2.5-0.5B and 1.5B at 4K and 16K tokens, bf16, every mode interleaved
+# (viq-offline with and without the folded code embedder), with MFU, the predicted viq-offline step and the
+# code-shard loader's share of a step. scripts/gpu_check.sh runs a shorter cut of it among its checks.
 # Prints the markdown table and leaves bench.json / bench.md / bench.png in $BENCH_OUT (default
 # runs/bench/gpu), copied to $OUT too when that is set (the device runner's output folder).
 #

@@ -49,6 +49,14 @@ class HeadConfig:
     rope_dim: int = 256  # attention width inside the head-wise RoPE blocks
     rope_mlp_hidden: int = 6144
     rope_angles: Literal["float32", "activation"] = "float32"  # "activation" matches released weights
+    # where the head-wise blocks get the patch positions from (the paper's ablation (d)): the golden-angle 2-D
+    # RoPE on q and k; a learned absolute table per sub-token, added before the blocks and resized to every
+    # image's grid as the encoder's; or nowhere (then the head is permutation-equivariant over the patches)
+    position: Literal["rope", "learnable", "none"] = "rope"
+    position_grid: int = 16  # side of the learned table of position="learnable"
+    # The reference's proximal stage (2-1) has no head-wise blocks: they belong to the FSQ head and start fresh
+    # in 2-2. True builds them in every head (the variant this project trained before)
+    proximal_rope_blocks: bool = False
     quantizer: Literal["fsq", "linf", "l2", "tanh", "none"] = "fsq"
     levels: tuple[int, ...] = (8, 8, 8, 6, 5)
     bottleneck_dim: int = 128  # width of the proximal (stage 2-1) bottleneck
@@ -65,6 +73,13 @@ class HeadConfig:
             raise ConfigError(f"head.rope_dim must be a multiple of 4 (2-D RoPE halves), got {self.rope_dim}")
         if self.expand < 1:
             raise ConfigError(f"head.expand must be >= 1, got {self.expand}")
+        if self.position_grid <= 0:
+            raise ConfigError(f"head.position_grid must be positive, got {self.position_grid}")
+
+    @property
+    def headwise_blocks(self) -> int:
+        """Head-wise blocks this head builds: ``rope_blocks`` for FSQ (or with proximal_rope_blocks), else 0."""
+        return self.rope_blocks if self.quantizer == "fsq" or self.proximal_rope_blocks else 0
 
     @property
     def code_dim(self) -> int:

@@ -45,6 +45,7 @@ class CodeEmbedder(nn.Module):
         self.affine_weight = nn.Parameter(torch.ones(c))
         self.affine_bias = nn.Parameter(torch.zeros(c))
         self._fold_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.fold = True  # False: the unfolded path, for measuring what the fold saves (viq bench)
 
     @property
     def codebook_size(self) -> int:
@@ -80,7 +81,7 @@ class CodeEmbedder(nn.Module):
     def forward_codes(self, codes_NEd: torch.Tensor) -> torch.Tensor:
         n = codes_NEd.shape[0]
         mlp = self.merge_mlp
-        if self._partitioned():
+        if self._partitioned() or not self.fold:
             x = mlp(self.project_out(codes_NEd.to(self.project_out.weight.dtype)).reshape(n, -1))
         else:
             weight, bias = self._folded()

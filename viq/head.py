@@ -5,8 +5,9 @@ attention width, ``d`` the code dimension (len(levels) for FSQ, the bottleneck w
 Encode path: LN (no affine) -> ViT blocks -> expand every patch into E sub-tokens (1-D channel groups:
 sub-token k of patch n is channel slice k, at packed index E*n + k) -> per-sub-token MLP -> head-wise
 RoPE blocks (sub-token k attends to sub-token k of the other patches of the same image) -> Linear to d
--> FSQ (stage 2-2) or an L-inf/L2/tanh limit (stage 2-1). The decode path (viq.decoder.CodeEmbedder)
-is token-local, so codes alone determine the features.
+-> FSQ (stage 2-2) or an L-inf/L2/tanh limit (stage 2-1). As in the reference, the proximal head
+(stage 2-1) has no head-wise blocks (HeadConfig.headwise_blocks). The decode path
+(viq.decoder.CodeEmbedder) is token-local, so codes alone determine the features.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from viq.attention import varlen_attention
 from viq.config import HeadConfig
@@ -35,11 +37,12 @@ class HeadwiseRoPEAttention(nn.Module):
         self.proj = nn.Linear(rope_dim, rope_dim)
         self.increase_dim = nn.Linear(rope_dim, dim)
 
-    def forward(self, x_MC, cu, max_len, grids, rope: GoldenRoPE2d):
+    def forward(self, x_MC, cu, max_len, grids, rope: GoldenRoPE2d | None):
         n, e = x_MC.shape[0] // self.expand, self.expand
         z = self.decrease_dim(x_MC)
         q, k, v = self.qkv(z).view(n, e, 3, -1).unbind(2)
-        q, k = rope(q, k, grids)
+        if rope is not None:
+            q, k = rope(q, k, grids)
         out = varlen_attention(q, k, v, cu, max_len)
         return self.increase_dim(self.proj(out.reshape(n * e, -1)))
 
@@ -55,6 +58,30 @@ class HeadwiseRoPEBlock(nn.Module):
     def forward(self, x_MC, cu, max_len, grids, rope):
         x_MC = x_MC + self.attn(self.norm1(x_MC), cu, max_len, grids, rope)
         return x_MC + self.mlp(self.norm2(x_MC))
+
+
+class SubtokenPositions(nn.Module):
+    """Learned absolute positions of the sub-tokens (HeadConfig.position="learnable"): a ``G x G`` table of
+    E*C channels, bilinearly resized to every image's (h, w) grid as the encoder's table (viq-reference.md
+    §1.3), so that sub-token k of patch n gets channel slice k of its patch's row."""
+
+    def __init__(self, grid: int, expand: int, width: int):
+        super().__init__()
+        self.grid, self.expand, self.width = grid, expand, width
+        self.table = nn.Parameter(torch.randn(1, grid * grid, expand * width) * 0.02)
+
+    def forward(self, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Positions of the packed sub-tokens, ``[N*E, C]``."""
+        g = self.grid
+        table = self.table.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        parts = []
+        for h, w in grids:
+            if (h, w) == (g, g):
+                parts.append(self.table[0])
+            else:
+                out = F.interpolate(table.float(), size=(h, w), mode="bilinear", align_corners=False)
+                parts.append(out[0].flatten(1).t().to(self.table.dtype))
+        return torch.cat(parts).reshape(-1, self.width)
 
 
 @dataclass
@@ -76,10 +103,12 @@ class QuantizationHead(nn.Module):
         )
         self.expand_mlp = Mlp(c, e * c, e * c).init_variance_preserving()
         self.subtoken_mlp = Mlp(c, c, c).init_variance_preserving()
-        self.rope = GoldenRoPE2d(cfg.rope_dim, e, cfg.rope_angles)
+        blocks = cfg.headwise_blocks
+        self.rope = GoldenRoPE2d(cfg.rope_dim, e, cfg.rope_angles) if blocks and cfg.position == "rope" else None
+        self.positions = (SubtokenPositions(cfg.position_grid, e, c)
+                          if blocks and cfg.position == "learnable" else None)
         self.rope_blocks = nn.ModuleList(
-            HeadwiseRoPEBlock(c, cfg.rope_dim, e, cfg.rope_mlp_hidden, cfg.norm_eps)
-            for _ in range(cfg.rope_blocks)
+            HeadwiseRoPEBlock(c, cfg.rope_dim, e, cfg.rope_mlp_hidden, cfg.norm_eps) for _ in range(blocks)
         )
         self.project_in = init_linear(nn.Linear(c, cfg.code_dim))
         self.fsq = FSQ(cfg.levels) if cfg.quantizer == "fsq" else None
@@ -93,6 +122,8 @@ class QuantizationHead(nn.Module):
         x = run_blocks(self.pre_blocks, pre, cu, max_len, ckpt)
         n, c = x.shape
         x = self.subtoken_mlp(self.expand_mlp(x).reshape(n * self.cfg.expand, c))
+        if self.positions is not None:
+            x = x + self.positions(grids)
         for blk in self.rope_blocks:
             x = blk(x, cu, max_len, grids, self.rope)
         return self.project_in(x).reshape(n, self.cfg.expand, -1), pre

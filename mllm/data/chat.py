@@ -17,11 +17,14 @@ and everything after it up to the next answer is fixed template text. Role heade
 turns and image placeholders are -100.
 
 A tokenizer without a chat template is rendered with ChatML (`CHATML_TEMPLATE` below, the
-Qwen layout with its default system prompt), the format most instruction-tuned bases expect.
+Qwen layout with its default system prompt), the format most instruction-tuned bases expect; the log
+says so once per tokenizer.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 
 from mllm.data.layout import IMAGE_TOKEN
@@ -44,6 +47,9 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+# the tokenizers already reported as rendered with the fallback: every conversation renders several times
+_fallback_reported: weakref.WeakSet = weakref.WeakSet()
 ROLE_ALIASES = {
     "user": "user",
     "human": "user",
@@ -95,6 +101,11 @@ def _check_encodable(text: str, what: str) -> None:
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
+    if template is not None and tokenizer not in _fallback_reported:
+        _fallback_reported.add(tokenizer)
+        log.warning("tokenizer %r has no chat template: conversations are rendered with ChatML "
+                    "(mllm.data.chat.CHATML_TEMPLATE, system prompt %r)",
+                    getattr(tokenizer, "name_or_path", type(tokenizer).__name__), DEFAULT_SYSTEM_PROMPT)
     try:
         text = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt

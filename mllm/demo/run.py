@@ -27,6 +27,7 @@ from mllm.tools.bench import BenchConfig, machine_name, markdown, run_bench
 from mllm.tools.evaluate import evaluate_mllm, tokenizer_metrics
 from mllm.tools.extract import extract
 from mllm.tools.inference import load_mllm, load_vis_tokenizer
+from mllm.tools.prepare_llm import prepare_llm
 from mllm.train.trainer import resolve_image_settings, run_training
 from viq import ViQTokenizer
 from viq.configio import load_config, to_dict
@@ -54,6 +55,10 @@ class DemoConfig:
     bench_recipe: str | None = "recipes/bench/cpu.yaml"
     bench_overrides: tuple[str, ...] = ()
     n_reconstructions: int = 6
+    # a `viq prepare-llm` name: the demo prepares that real pretrained LLM once into llm_dir (default
+    # runs/<name>) and runs every tokenizer stage and both MLLMs on it (model.llm=DIR, llm_init=pretrained)
+    pretrained_llm: str | None = None
+    llm_dir: str | None = None
 
 
 class Progress:
@@ -82,9 +87,17 @@ STEPS = ["generate data", "train tokenizer", "extract codes", "train MLLM from c
          "train continuous baseline", "evaluate", "benchmark", "report"]
 
 
-def _train_mllm(cfg: DemoConfig, data: dict, tok_dir: Path, out: Path, extra: list[str]) -> Path:
+def _pretrained_llm(cfg: DemoConfig) -> list[str]:
+    """The overrides that put the demo on its real pretrained LLM, prepared first if need be; none without one."""
+    if cfg.pretrained_llm is None:
+        return []
+    llm_dir = prepare_llm(cfg.pretrained_llm, cfg.llm_dir or Path("runs") / cfg.pretrained_llm)
+    return [f"model.llm={llm_dir}", "model.llm_init=pretrained"]
+
+
+def _train_mllm(cfg: DemoConfig, data: dict, tok_dir: Path, out: Path, llm: list[str], extra: list[str]) -> Path:
     overrides = [f"data.train={data['train']}", "data.demo=false", f"model.tokenizer={tok_dir}",
-                 f"train.output_dir={out}", *cfg.mllm_overrides, *extra]
+                 f"train.output_dir={out}", *llm, *cfg.mllm_overrides, *extra]
     run_training(load_recipe(cfg.mllm_recipe, overrides))
     return out
 
@@ -125,10 +138,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     results: dict = {"config": to_dict(cfg)}
 
     prog.start("generate data")
+    llm = _pretrained_llm(cfg)
     data = generate_demo(work / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
 
     prog.start("train tokenizer")
-    tok_overrides = [f"data.train={data['train']}", "data.demo=false", *cfg.tokenizer_overrides]
+    tok_overrides = [f"data.train={data['train']}", "data.demo=false", *llm, *cfg.tokenizer_overrides]
     tok_dir = run_chain(list(cfg.tokenizer_recipes), tok_overrides, root=work / "tokenizer")
 
     prog.start("extract codes")
@@ -137,10 +151,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     results["extract"] = extract(str(tok_dir), data["train"], codes_dir, preprocess=settings, progress=True)
 
     prog.start("train MLLM from codes")
-    viq_run = _train_mllm(cfg, data, tok_dir, work / "mllm-codes", [f"data.codes={codes_dir}"])
+    viq_run = _train_mllm(cfg, data, tok_dir, work / "mllm-codes", llm, [f"data.codes={codes_dir}"])
 
     prog.start("train continuous baseline")
-    base_run = _train_mllm(cfg, data, tok_dir, work / "mllm-continuous", list(cfg.baseline_overrides))
+    base_run = _train_mllm(cfg, data, tok_dir, work / "mllm-continuous", llm, list(cfg.baseline_overrides))
 
     prog.start("evaluate")
     results["eval_codes"] = _evaluate(viq_run, data, cfg, work / "eval-codes")

@@ -1,18 +1,18 @@
 """Where a ViQ tokenizer stage starts: the init tokenizer with its head changed for the stage through an
-explicit key map, the frozen distillation teacher, and the optional perceptual loss.
+explicit key map, and the optional perceptual loss (the teacher: mllm.stages.teacher).
 
 Chaining rule (viq-reference.md §3.6, where the reference needs keys filtered by hand): the stage's
 tokenizer is built fresh from the init tokenizer's config with the stage's head (stage1: unchanged,
 proximal: an L-inf/l2/tanh/none bottleneck, fsq: FSQ levels), then every init tensor is copied through
 an identity key map with ``allow_reshape``: a tensor whose shape still fits is loaded, one whose shape
-changed (project_in, embedder.project_out, the codebook) keeps its fresh initialisation and is listed.
-The only source tensor ever dropped is the FSQ implicit codebook when the new head has no FSQ: it is a
-function of the levels, not a learned weight; it is listed as ignored.
+changed (project_in, embedder.project_out, the codebook) or that the init lacks (the head-wise blocks
+entering 2-2) keeps its fresh initialisation and is listed. Source tensors are dropped (listed as ignored)
+only when the new head has no place for them: the FSQ implicit codebook (a function of the levels, not a
+learned weight) and, entering a proximal stage, the head-wise blocks (the reference's 2-1 head has none).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -22,56 +22,81 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mllm.config import RecipeConfig, StageConfig
 from mllm.model.layout import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
-from mllm.model.viq_loader import load_viq, names_viq
+from mllm.model.viq_loader import load_viq
 from viq.config import PRESETS as VIQ_PRESETS
-from viq.config import TokenizerConfig, preset
+from viq.config import DecoderConfig, TokenizerConfig, preset
 from viq.convert.keymap import KeyMapReport, apply_key_map
+from viq.convert.siglip2 import load_siglip2, resample_position_table
 from viq.encoder import Encoder
 from viq.tokenizer import ViQTokenizer
+from viq.vae import LATENT_CHANNELS as VAE_LATENT_CHANNELS
+from viq.vae import SPATIAL_FACTOR as VAE_SPATIAL_FACTOR
 
 log = logging.getLogger(__name__)
 
 IDENTITY = [(r"(.+)", r"\1")]
 # derived from head.levels (viq.decoder.CodeEmbedder); a head without FSQ has no such buffer
 CODEBOOK_KEY = r"head\.embedder\.codebook"
+# the head-wise blocks (and a learned sub-token table) of the FSQ head: a proximal head has none (as the
+# reference's), so they are ignored entering 2-1 and start fresh in 2-2 (listed as re-initialised)
+HEADWISE_KEYS = r"head\.(?:rope_blocks|positions)\..+"
 
 
 def stage_tokenizer_config(source: TokenizerConfig, stage: StageConfig) -> TokenizerConfig:
     """The init tokenizer's config with the head this stage trains."""
     head = source.head
+    if stage.kind in ("proximal", "fsq"):
+        head = dataclasses.replace(head, position=stage.head_position or head.position,
+                                   proximal_rope_blocks=stage.proximal_rope_blocks)
     if stage.kind == "proximal":
         head = dataclasses.replace(head, quantizer=stage.quantizer or "linf",
                                    bottleneck_dim=stage.bottleneck_dim or head.bottleneck_dim)
     elif stage.kind == "fsq":
         head = dataclasses.replace(head, quantizer="fsq", levels=tuple(stage.levels or head.levels))
-    return dataclasses.replace(source, head=head)
+    return dataclasses.replace(source, head=head, decoder=recon_decoder_config(source, stage))
+
+
+def recon_decoder_config(source: TokenizerConfig, stage: StageConfig) -> DecoderConfig | None:
+    """The reconstruction branch's output for stage.recon_target: 2x2 latent pixels of the Qwen-Image VAE per
+    16-px patch (the released drawer: 16 channels, f8), or the patch's RGB pixels. Outputs of another shape
+    (a stage-1 RGB decoder before a latent stage, a latent drawer before the RGB decoder stage) are
+    re-initialised by the key map and listed."""
+    dec, patch = source.decoder, source.encoder.patch_size
+    if dec is None or stage.kind == "stage1" or stage.recon_target == "none":
+        return dec
+    if stage.recon_target == "pixels":  # always for the decoder stage
+        return dataclasses.replace(dec, out_channels=3, upscale=patch)
+    if patch % VAE_SPATIAL_FACTOR:
+        raise ValueError(f"stage.recon_target=vae_latent: the encoder's patch size {patch} is not a multiple of the "
+                         f"VAE's {VAE_SPATIAL_FACTOR} pixels per latent pixel; use recon_target=pixels")
+    return dataclasses.replace(dec, out_channels=VAE_LATENT_CHANNELS, upscale=patch // VAE_SPATIAL_FACTOR)
 
 
 def check_decoder_source(tok: ViQTokenizer, spec: str) -> None:
-    """The decoder stage trains codes -> pixels: its init needs an FSQ head and an RGB pixel decoder."""
+    """The decoder stage trains codes -> pixels: its init needs an FSQ head and a pixel decoder (an RGB one, or a
+    latent one whose adapter starts the RGB decoder)."""
     missing = []
     if tok.head.fsq is None:
         missing.append(f"an FSQ quantizer (its head has quantizer={tok.cfg.head.quantizer!r})")
     if tok.decoder is None:
         missing.append("a pixel decoder (its config has decoder: null)")
-    elif tok.cfg.decoder.out_channels != 3:
-        missing.append(f"an RGB pixel decoder (its decoder predicts {tok.cfg.decoder.out_channels}-channel latents)")
     if missing:
         raise ValueError(f"stage.kind=decoder trains the pixel decoder from codes, but {spec!r} lacks "
                          + " and ".join(missing) + ": point stage.init at an fsq (stage 2-2) output")
 
 
 def _with_siglip2(tok: ViQTokenizer, siglip2_dir: str) -> ViQTokenizer:
-    from viq.convert import load_siglip2
-
     enc = load_siglip2(siglip2_dir)
     if enc.cfg.width != tok.cfg.head.width:
         raise ValueError(f"SigLIP2 width {enc.cfg.width} from model.siglip2={siglip2_dir!r} does not match the "
                          f"ViQ head width {tok.cfg.head.width} of model.tokenizer (pick the preset of that size)")
+    return _with_encoder(tok, enc)
+
+
+def _with_encoder(tok: ViQTokenizer, enc: Encoder) -> ViQTokenizer:
     tok.encoder = enc
     tok.cfg = dataclasses.replace(tok.cfg, encoder=enc.cfg)  # the saved config must describe this tower
     return tok
@@ -86,13 +111,20 @@ def load_stage_tokenizer(cfg: RecipeConfig) -> tuple[ViQTokenizer, KeyMapReport,
     source = load_viq(spec, seed=seed, what="stage.init" if stage.init else "model.tokenizer")
     if stage.kind == "decoder":
         check_decoder_source(source, spec)
-        return source, KeyMapReport(loaded=sorted(source.state_dict())), spec
+        if source.cfg.decoder.out_channels == 3:
+            return source, KeyMapReport(loaded=sorted(source.state_dict())), spec
+        # a latent drawer (recon_target=vae_latent upstream): the key map below starts an RGB decoder from it
     if stage.kind == "stage1" and cfg.model.siglip2:
         source = _with_siglip2(source, cfg.model.siglip2)
+    if stage.kind == "stage1" and stage.pos_grid is not None:
+        # the reference's any-resolution tower: its table resampled once at stage-1 start (SigLIP2-g: 24 -> 128)
+        source = _with_encoder(source, resample_position_table(source.encoder, stage.pos_grid))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the re-initialised tensors are part of the recipe
         target = ViQTokenizer(stage_tokenizer_config(source.cfg, stage))
     ignore = () if target.head.fsq is not None else (CODEBOOK_KEY,)
+    if not target.cfg.head.headwise_blocks:
+        ignore += (HEADWISE_KEYS,)
     report = apply_key_map(target, source.state_dict(), IDENTITY, what=f"stage.init {spec}", ignore=ignore,
                            allow_reshape=True)
     log.info("stage %s: loaded %d tensors from %s; re-initialised (shape changed or absent there): %s; "
@@ -147,54 +179,6 @@ def dry_run_tokenizer(cfg: RecipeConfig) -> ViQTokenizer:
         raise ValueError(f"a dry run builds model.tokenizer as a preset; {cfg.model.tokenizer!r} is not one of "
                          f"{sorted(VIQ_PRESETS)}")
     return ViQTokenizer(stage_tokenizer_config(preset(cfg.model.tokenizer), cfg.stage))
-
-
-class FrozenTeacher(nn.Module):
-    """A frozen encoder whose MAP output on each image, bilinearly resized (aspect ratio not kept) to a
-    fixed square, is the distillation target (viq-reference.md §1.5)."""
-
-    def __init__(self, encoder: Encoder, resolution: int):
-        super().__init__()
-        self.encoder = encoder.requires_grad_(False)
-        self.resolution = resolution
-        super().train(False)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        return super().train(False)  # the target is the eval-mode teacher's
-
-    def resized(self, x_3HW: torch.Tensor) -> torch.Tensor:
-        r = self.resolution
-        if tuple(x_3HW.shape[-2:]) == (r, r):
-            return x_3HW
-        return F.interpolate(x_3HW[None].float(), size=(r, r), mode="bilinear", align_corners=False)[0]
-
-    @torch.no_grad()
-    def forward(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
-        """Normalised [3, H, W] images -> MAP vectors ``[B, D]``."""
-        dev = self.encoder.pos_embed.device
-        out = self.encoder.forward_pixels([self.resized(x.to(dev)) for x in pixel_values])
-        return self.encoder.pool(out.trunk_ND, out.cu)
-
-
-def build_teacher(stage: StageConfig, initial: Encoder, seed: int, dry_run: bool = False) -> FrozenTeacher:
-    """stage.teacher: null (a frozen copy of the initial encoder), a ViQ preset, a ViQ tokenizer or stage
-    output directory, or a SigLIP2 Hugging Face directory."""
-    spec = stage.teacher
-    if spec is None or dry_run:
-        encoder = copy.deepcopy(initial)
-    elif names_viq(spec):
-        encoder = load_viq(spec, seed=seed, what="stage.teacher").encoder
-    elif (Path(spec) / "config.json").is_file():
-        from viq.convert import load_siglip2
-
-        encoder = load_siglip2(spec)
-    else:
-        raise ValueError(f"stage.teacher {spec!r} is neither a ViQ preset ({', '.join(sorted(VIQ_PRESETS))}), a "
-                         "ViQ tokenizer or stage output directory, nor a SigLIP2 Hugging Face directory")
-    if encoder.cfg.width != initial.cfg.width:
-        raise ValueError(f"stage.teacher {spec!r} has width {encoder.cfg.width}, the student's MAP output has "
-                         f"{initial.cfg.width}: the cosine needs equal widths")
-    return FrozenTeacher(encoder, stage.teacher_resolution)
 
 
 def load_perceptual(spec: str) -> Callable:

@@ -9,10 +9,13 @@
 The LLM stages run the ordinary MLLM Trainer on a model wrapper, ``TokenizerStageModel`` (an MLLM, so
 checkpointing, LoRA and the optimizer groups work unchanged), whose forward adds to the LM loss
     distill_weight * mean_i (1 - cos(MAP(student_i), MAP_teacher(image_i resized to R x R)))
-    + recon_weight * (MSE(decoder(head features), pixels) [+ perceptual_weight * perceptual])
+    + recon_weight * MSE(decoder(head features), target) [+ recon_weight * perceptual_weight * perceptual]
     + feat_rec_weight * MSE(head features before the affine, normalised trunk features)
 where the student's features are the ones the LLM sees (stage1: the trunk; later: the head's output),
-taken from the same forward (mllm.model.mllm.VisualTrace): the tower runs once per step. Every stage writes
+taken from the same forward (mllm.model.mllm.VisualTrace): the tower runs once per step. The reconstruction
+target (stage.recon_target) is the posterior mean of the frozen Qwen-Image VAE encoder (vae_latent: the decoder
+predicts 2x2 latent pixels per patch, as the reference's QwenImageVAEHead) or the pixels themselves (with the
+optional perceptual term). Every stage writes
 ``train.output_dir/viq_tokenizer`` (ViQTokenizer.save_pretrained) and ``stage_report.json``.
 
 Shape legend: ``N`` packed patches, ``C`` width, ``B`` images.
@@ -36,7 +39,6 @@ from mllm.model.llm import IMAGE_TOKEN, load_llm
 from mllm.model.mllm import MLLM, VisualInput, VisualTrace
 from mllm.stages.areas import area_sampler
 from mllm.stages.init import (
-    build_teacher,
     dry_run_tokenizer,
     init_language_side,
     load_init_projector,
@@ -47,6 +49,7 @@ from mllm.stages.init import (
 )
 from mllm.stages.metrics import StageMetrics, code_stability
 from mllm.stages.report import REPORT_FILE, parameter_counts, stage_report, write_report
+from mllm.stages.teacher import build_teacher
 from mllm.train.checkpoint import load_checkpoint_weights
 from mllm.train.restart import mark_run_complete, train_or_restore
 from mllm.train.trainer import MLLMTrainer, calibrate_projector, leading_items, prepare_trainer
@@ -55,6 +58,7 @@ from viq.convert.keymap import KeyMapReport
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple
 from viq.tokenizer import ViQTokenizer
+from viq.vae import empty_vae_half, encode_latents, load_vae_halves
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +80,33 @@ class TokenizerStageModel(MLLM):
 
     Registered on top of the MLLM's parts: ``teacher`` (frozen), ``decoder`` (the tokenizer's pixel
     decoder, when reconstruction is on) and ``perceptual`` (frozen, when it is a module). ``tokenizer``
-    is held unregistered: its modules are the ones registered here, it only saves them together.
+    is held unregistered: its modules are the ones registered here, it only saves them together. So is
+    ``vae_encoder`` (the frozen VAE encoder of a latent target): never trained, never saved, and kept out
+    of DeepSpeed's partitioning; it follows the decoder's device on first use.
     """
 
     def __init__(self, llm, visual: VisualInput, image_token_id: int, tokenizer: ViQTokenizer,
-                 stage: StageConfig, teacher=None, perceptual=None, pool: str = "softmax", aux_scale: float = 1.0):
+                 stage: StageConfig, teacher=None, perceptual=None, pool: str = "softmax", aux_scale: float = 1.0,
+                 vae_encoder=None):
         super().__init__(llm, visual, image_token_id, pool=pool)
         object.__setattr__(self, "tokenizer", tokenizer)
         self.stage = stage
         self.teacher = teacher if stage.distill_weight > 0 else None
-        recon = visual.use_head and stage.recon_weight > 0
+        recon = visual.use_head and stage.recon_weight > 0 and stage.recon_target != "none"
         if recon and tokenizer.decoder is None:
             raise ValueError(f"stage.recon_weight={stage.recon_weight} but the tokenizer has no pixel decoder "
                              "(decoder: null in its config)")
+        if recon and stage.recon_target == "vae_latent" and vae_encoder is None:
+            raise ValueError("stage.recon_target=vae_latent needs the frozen VAE encoder (viq.vae.load_vae_halves)")
         self.decoder = tokenizer.decoder if recon else None
         self.perceptual = perceptual if recon else None
+        object.__setattr__(self, "vae_encoder", vae_encoder if recon else None)
         if not visual.keep_trace:
             raise ValueError("a tokenizer stage reads the visual trace: build its VisualInput with keep_trace=True")
         self.aux_scale = aux_scale  # 1 / (grad_accum * world size) in training, see forward
         fsq = visual.use_head and tokenizer.head.fsq is not None
-        self.metrics = StageMetrics(stage.metrics_window, tokenizer.codebook_size if fsq else None)
+        self.metrics = StageMetrics(stage.metrics_window, tokenizer.codebook_size if fsq else None,
+                                    pixel_recon=stage.recon_target == "pixels")
         self.stage_report: dict = {}
         self._forwards = 0
 
@@ -133,6 +144,9 @@ class TokenizerStageModel(MLLM):
             preds = self.decoder(trace.head.features, trace.grids, trace.cu, trace.max_len)
             patch = self.visual.patch_size
             targets = [pad_to_multiple(x.to(p.device), patch) for x, p in zip(pixel_values, preds, strict=True)]
+            if self.vae_encoder is not None:
+                vae = self.vae_encoder.to(preds[0].device)  # a no-op after the first step
+                targets = [encode_latents(vae, x) for x in targets]
             terms["recon_loss"] = reconstruction_loss(preds, targets)
             if self.perceptual is not None:
                 terms["perceptual_loss"] = perceptual_term(self.perceptual, preds, targets)
@@ -194,7 +208,15 @@ def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, 
         tok, report, init = dry_run_tokenizer(cfg), KeyMapReport(), cfg.model.tokenizer
     else:
         tok, report, init = load_stage_tokenizer(cfg)
-    teacher = build_teacher(stage, tok.encoder, cfg.train.seed, dry_run) if stage.distill_weight > 0 else None
+    teacher, teacher_record = build_teacher(cfg, tok.encoder, dry_run)
+    vae_encoder = None
+    if stage.recon_target == "vae_latent" and stage.kind != "stage1" and dry_run:
+        vae_encoder = empty_vae_half("encoder")
+    elif stage.recon_target == "vae_latent" and stage.kind != "stage1":
+        vae_encoder, tok.vae = load_vae_halves(stage.vae, dtype)  # the tokenizer saves the decoder half
+        if tok.vae.config.z_dim != tok.cfg.decoder.out_channels:
+            raise ValueError(f"stage.vae={stage.vae!r} has {tok.vae.config.z_dim} latent channels; the "
+                             f"reconstruction branch predicts {tok.cfg.decoder.out_channels}")
     perceptual = load_perceptual(stage.perceptual) if stage.perceptual and not dry_run else None
     llm_dtype = torch.float32 if cfg.trainable.llm == "full" else dtype
     continues = stage.llm_from_init and not dry_run
@@ -209,7 +231,7 @@ def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the projector's initialisation is part of the recipe
         model = TokenizerStageModel(llm, visual, text_tok.convert_tokens_to_ids(IMAGE_TOKEN), tok, stage,
-                                    teacher, perceptual, cfg.model.projector_pool, aux_scale)
+                                    teacher, perceptual, cfg.model.projector_pool, aux_scale, vae_encoder)
     if init_visual is not None:
         n = load_init_projector(model, init_visual)
         log.info("stage %s continues the LLM (%s%s) and the projector (%d tensors) of %s", stage.kind, llm_spec,
@@ -221,7 +243,7 @@ def build_stage_model(cfg: RecipeConfig, args: TrainingArguments | None = None, 
         model.llm = add_lora(model.llm, cfg)
     if model.teacher is not None:
         model.teacher.to(dtype)  # frozen and never saved; the trained parts stay fp32 (they are the product)
-    model.stage_report = stage_report(cfg, tok, report, init, parameter_counts(model))
+    model.stage_report = {**stage_report(cfg, tok, report, init, parameter_counts(model)), **teacher_record}
     log.info("built tokenizer stage %s (llm=%s, init=%s): %.2fM of %.2fM parameters trainable", stage.kind,
              cfg.model.llm, init, model.stage_report["parameters"]["trainable"] / 1e6,
              model.stage_report["parameters"]["total"] / 1e6)

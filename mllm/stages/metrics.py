@@ -49,7 +49,8 @@ class StageMetrics:
     """Sums of scalar metrics since the last ``pop`` (kept as tensors: no device sync per step), plus
     the code indices of the last ``window`` steps for the codebook usage."""
 
-    def __init__(self, window: int, codebook_size: int | None):
+    def __init__(self, window: int, codebook_size: int | None, pixel_recon: bool = True):
+        self.pixel_recon = pixel_recon  # recon_loss is a pixel MSE (a latent MSE has no PSNR)
         self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.codes: deque[torch.Tensor] = deque(maxlen=window)
@@ -68,7 +69,7 @@ class StageMetrics:
     def pop(self) -> dict[str, float]:
         """Means since the last pop; ``recon_psnr`` from the mean MSE; codebook stats over the window."""
         out = {name: float(total) / self.counts[name] for name, total in self.sums.items()}
-        if "recon_loss" in out:
+        if "recon_loss" in out and self.pixel_recon:
             out["recon_psnr"] = psnr_from_mse(out["recon_loss"])
         if "baseline_mse" in out:  # the decoder stage: what predicting each image's mean colour gives
             out["recon_psnr_mean_colour"] = psnr_from_mse(out.pop("baseline_mse"))

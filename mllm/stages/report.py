@@ -34,7 +34,7 @@ def stage_report(cfg: RecipeConfig, tok: ViQTokenizer, report: KeyMapReport, ini
                  params: dict[str, int]) -> dict:
     h = tok.cfg.head
     return {
-        "kind": cfg.stage.kind, "init": init, "teacher": cfg.stage.teacher or "initial encoder (frozen copy)",
+        "kind": cfg.stage.kind, "init": init,  # an LLM stage adds its teacher (mllm.stages.teacher.build_teacher)
         "head": {"quantizer": h.quantizer, "levels": list(h.levels) if h.quantizer == "fsq" else None,
                  "code_dim": h.code_dim, "codebook_size": tok.codebook_size if h.quantizer == "fsq" else None},
         "key_map": {"loaded": report.loaded, "reinitialised": report.reinitialised, "ignored": report.ignored},

@@ -21,9 +21,6 @@ def run_stage(cfg: RecipeConfig) -> Path:
     if cfg.stage is None:
         raise ValueError("run_stage needs a recipe with a stage section")
     cfg = resolve_image_settings(resolve_data(cfg, check_files=True))
-    if cfg.stage.vae is not None:
-        raise ValueError(f"stage.vae={cfg.stage.vae!r}: the latent reconstruction target is not implemented "
-                         "(viq.vae loads a VAE's decoder half only); leave stage.vae null for pixels")
     if cfg.stage.kind == "decoder":
         return run_decoder_stage(cfg)
     return run_llm_stage(cfg)

@@ -2,13 +2,18 @@
 
 Modes (design/performance.md): ``continuous`` (the ViQ encoder without head as a SigLIP2-shaped tower,
 frozen, forward only), ``continuous-trainable`` (the tower trained too), ``viq-online`` (encoder + head
-in the step, frozen), ``viq-offline`` (stored codes -> code embedder), ``text-only`` (the LLM alone).
+in the step, frozen), ``viq-offline`` (stored codes -> code embedder), ``viq-offline-unfolded`` (the same
+without the embedder's folded input map, to show what the fold saves), ``text-only`` (the LLM alone).
 Each step is a full training step: forward, backward and AdamW on the trainable parts (projector and
 the whole LLM; the tower when trainable). Every mode feeds the LLM the same tokens (mllm.tools.bench_steps).
 
 The modes run interleaved in one process (round-robin over steps) so that machine drift hits all of them
-alike; warm-up steps are dropped and the median of the timed steps is reported. Outputs in ``out_dir``:
-``bench.json`` (``records`` and a ``summary`` per llm x seq_len), ``bench.md`` and ``bench.png``.
+alike; warm-up steps are dropped and the median of the timed steps is reported. Each round also times the
+code embedder's forward alone, for the predicted ``viq-offline`` step (``text-only`` + that forward), and
+each cell times the code-shard data path (mllm.tools.bench_loader) for the loader's share of a step.
+Outputs in ``out_dir``, rewritten after every cell so that a run cut short keeps what it measured:
+``bench.json`` (``records``, a ``summary`` per llm x seq_len, ``loader`` per cell), ``bench.md`` and
+``bench.png``.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from mllm.config import resolve_recipe
 from mllm.model.varlen_attn import register as register_varlen
 from mllm.tools import bench_plot
 from mllm.tools import bench_steps as steps
+from mllm.tools.bench_loader import measure_loader
 from viq.configio import load_config, to_dict
 from viq.tokenizer import ViQTokenizer
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["continuous", "continuous-trainable", "viq-online", "viq-offline", "text-only"]
+Mode = Literal["continuous", "continuous-trainable", "viq-online", "viq-offline", "viq-offline-unfolded", "text-only"]
 MODES: tuple[str, ...] = ("continuous", "continuous-trainable", "viq-online", "viq-offline", "text-only")
 
 # design/performance.md: full training iteration in seconds, (ViQ, SigLIP2-g), read off the paper's figure
@@ -50,8 +56,9 @@ PAPER = {
     ("qwen2.5-7b", 4096): (4.73, 6.14),
     ("qwen2.5-7b", 16384): (14.37, 24.62),
 }
-# dense bf16 tensor-core peaks, for the MFU column when the recipe gives none
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# dense bf16 tensor-core peaks (SXM parts; the vendors' data sheets), for the MFU column when the recipe gives
+# none; the first key found in the device's name wins, so the longer names come first
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class BenchConfig:
     seed: int = 0
     peak_tflops: float | None = None  # for the MFU; default from the GPU's name
     data: SampleMixConfig = field(default_factory=SampleMixConfig)
+    loader_rows: int = 8  # packed rows per cell for the data path's throughput (0: not measured)
+    loader_workers: int = 2  # DataLoader worker processes of its second measurement (0: in-process only)
     out_dir: str = "runs/bench"
 
     def __post_init__(self):
@@ -117,6 +126,9 @@ class BenchConfig:
         for c in self.presets:
             if c.seq_len <= 0:
                 raise ValueError(f"seq_len must be positive, got {c.seq_len} for {c.llm}")
+        if self.loader_rows == 1 or self.loader_rows < 0 or self.loader_workers < 0:
+            raise ValueError(f"need loader_rows 0 or >= 2 and loader_workers >= 0, got loader_rows={self.loader_rows}, "
+                             f"loader_workers={self.loader_workers}")
         if not self.packed and not (self.padded_modes and all(c.padded for c in self.presets)):
             raise ValueError("nothing to run for some preset: packed is false and it runs no padded mode")
 
@@ -133,13 +145,14 @@ def _device(cfg: BenchConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _peak_flops(cfg: BenchConfig, device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_flops(device_name: str | None, override_tflops: float | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU named ``device_name`` (PEAK_TFLOPS), or the override; None for a CPU
+    (``device_name`` None) or an unknown GPU: no MFU is reported then."""
+    if device_name is None:
         return None
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops * 1e12
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def machine_name(device: torch.device | str | None = None) -> str:
@@ -177,6 +190,7 @@ class Variant:
     times: list[float] = field(default_factory=list)
     peak: int | None = None
     loss: float | None = None
+    embedder_times: list[float] = field(default_factory=list)  # the embedder's forward alone (viq-offline)
     error: str | None = None  # set when the step does not fit in memory; the variant is then skipped
 
 
@@ -198,6 +212,8 @@ def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device,
     cache: dict[tuple[str, bool], dict] = {}
     out = []
     for mode, packed in variants(cfg, case):
+        if mode not in steps.VISUAL_OF_MODE:
+            raise ValueError(f"unknown bench mode {mode!r}; expected one of {list(steps.VISUAL_OF_MODE)}")
         path = steps.VISUAL_OF_MODE[mode]
         kind = kind_of[path]
         if (kind, packed) not in cache:
@@ -213,7 +229,7 @@ def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device,
             )
             cache[kind, packed] = steps.to_device(steps.collate(items, packed), device, dtype)
         batch = cache[kind, packed]
-        trained = mode == "continuous-trainable" or (mode == "viq-offline" and cfg.embedder_trainable)
+        trained = mode == "continuous-trainable" or (mode.startswith("viq-offline") and cfg.embedder_trainable)
         counts = {
             "llm_tokens": sum(lengths),
             "computed_tokens": int(batch["input_ids"].numel()),  # with the padding of a padded batch
@@ -221,7 +237,8 @@ def _prepare(cfg: BenchConfig, case: CaseConfig, bench: steps.Workbench, device,
             "images": 0 if path is None else len(grids),
             "patches": 0 if path is None else sum(h * w for h, w in grids),
             "llm_flops": steps.llm_train_flops(llm_cfg, lengths),
-            "visual_flops": steps.visual_forward_flops(tok.cfg, grids, path) * (3 if trained else 1),
+            "visual_flops": steps.visual_forward_flops(tok.cfg, grids, path, folded=mode != "viq-offline-unfolded")
+            * (3 if trained else 1),
         }
         out.append(Variant(mode, packed, batch, steps.attention_kwargs(batch, cfg.llm_attn), counts))
     return out
@@ -252,6 +269,12 @@ def _time(variants_: list[Variant], bench: steps.Workbench, cfg: BenchConfig, de
                 v.times.append(dt)
                 if device.type == "cuda":
                     v.peak = max(v.peak or 0, torch.cuda.max_memory_allocated(device))
+            if v.mode == "viq-offline" and v.packed:
+                t0 = time.perf_counter()
+                steps.embedder_forward(bench, v.batch)
+                _sync(device)
+                if r >= cfg.warmup:
+                    v.embedder_times.append(time.perf_counter() - t0)
         logger.info("round %d/%d done", r + 1, cfg.warmup + cfg.steps)
 
 
@@ -266,6 +289,7 @@ def _record(v: Variant, case: CaseConfig, peak_flops: float | None) -> dict:
         "tokens_per_s": None if t is None else v.counts["llm_tokens"] / t,
         "peak_mem_bytes": v.peak,
         "mfu": v.counts["llm_flops"] / t / peak_flops if peak_flops and t else None,
+        "embedder_forward_s": statistics.median(v.embedder_times) if v.embedder_times else None,
         **v.counts,
         "step_times_s": v.times,
         "first_loss": v.loss,
@@ -273,11 +297,16 @@ def _record(v: Variant, case: CaseConfig, peak_flops: float | None) -> dict:
     }
 
 
-def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
-    """Per llm x seq_len: the savings and overheads of viq-offline, and packed-over-padded speed-ups."""
+def summarize(records: list[dict], cfg: BenchConfig, loaders: list[dict] | None = None) -> list[dict]:
+    """Per llm x seq_len with records: the savings and overheads of viq-offline (measured, and predicted as
+    text-only + the embedder's forward), what the fold saves, the data path's share of a step, and
+    packed-over-padded speed-ups."""
     out = []
+    loader_of = {d["seq_len"]: d for d in loaders or ()}
     for case in cfg.presets:
         recs = [r for r in records if r["llm"] == case.llm and r["seq_len"] == case.seq_len]
+        if not recs:
+            continue  # not run yet: a report written while the bench is under way
         t = {(r["mode"], r["packed"]): r["step_time_s"] for r in recs if r["step_time_s"] is not None}
         off = t.get(("viq-offline", True))
 
@@ -286,13 +315,18 @@ def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
 
         base = cfg.llm_shapes.get(case.llm, {}).get("base", case.llm)
         paper = PAPER.get((base, case.paper_seq_len or case.seq_len))
-        emb = next((r for r in recs if r["mode"] == "viq-offline"), None)
+        emb = next((r for r in recs if r["mode"] == "viq-offline" and r["packed"]), None)
+        text = t.get(("text-only", True))
+        loader = loader_of.get(case.seq_len, {}).get("single") or {}
         out.append(
             {
                 "llm": case.llm,
                 "seq_len": case.seq_len,
                 "saving_vs_continuous": _sub1(ratio(off, t.get(("continuous", True))), neg=True),
-                "overhead_vs_text_only": _sub1(ratio(off, t.get(("text-only", True)))),
+                "overhead_vs_text_only": _sub1(ratio(off, text)),
+                "overhead_vs_text_only_predicted": predicted_overhead(text, emb and emb["embedder_forward_s"]),
+                "overhead_vs_text_only_unfolded": _sub1(ratio(t.get(("viq-offline-unfolded", True)), text)),
+                "loader_share_of_step": ratio(loader.get("row_s"), off),
                 "saving_vs_continuous_trainable": _sub1(ratio(off, t.get(("continuous-trainable", True))), neg=True),
                 "saving_vs_viq_online": _sub1(ratio(off, t.get(("viq-online", True))), neg=True),
                 "paper_saving": None if paper is None else 1 - paper[0] / paper[1],
@@ -301,6 +335,16 @@ def summarize(records: list[dict], cfg: BenchConfig) -> list[dict]:
             }
         )
     return out
+
+
+def predicted_overhead(text_only_s: float | None, embedder_forward_s: float | None) -> float | None:
+    """``viq-offline`` over ``text-only`` at the limit, minus one: the step costs text-only plus the code
+    embedder's own forward, so the overhead is that forward over the text-only step."""
+    if text_only_s is None or embedder_forward_s is None:
+        return None
+    if text_only_s <= 0:
+        raise ValueError(f"the text-only step time must be positive, got {text_only_s}")
+    return embedder_forward_s / text_only_s
 
 
 def _sub1(x: float | None, neg: bool = False) -> float | None:
@@ -318,8 +362,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.llm_attn == "viq_varlen":
         register_varlen()
     tok = _build_tokenizer(cfg, device, dtype)
-    peak_flops = _peak_flops(cfg, device)
-    records = []
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.peak_tflops)
+    result = {
+        "device": machine_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": to_dict(cfg),
+        "records": [],
+        "loader": [],
+        "summary": [],
+    }
+    records, loaders = result["records"], result["loader"]
     for llm_name in dict.fromkeys(c.llm for c in cfg.presets):  # one LLM per name, for all its lengths
         spec = steps.llm_spec(llm_name, cfg.llm_shapes)
         llm = steps.build_llm(spec, dtype, device, cfg.llm_attn, cfg.seed)
@@ -330,20 +383,18 @@ def run_bench(cfg: BenchConfig) -> dict:
             logger.info("benchmarking %s at %d tokens on %s", case.llm, case.seq_len, device)
             prepared = _prepare(cfg, case, bench, device, dtype)
             _time(prepared, bench, cfg, device)
-            records += [_record(v, case, peak_flops) for v in prepared]
+            records += [_record(v, case, peak) for v in prepared]
             del prepared
+            if cfg.loader_rows and all(d["seq_len"] != case.seq_len for d in loaders):
+                loaders.append(measure_loader(cfg.data, case.seq_len, rows=cfg.loader_rows, workers=cfg.loader_workers,
+                                              codebook=tok.codebook_size, codes_per_patch=tok.codes_per_patch,
+                                              patch=tok.cfg.encoder.patch_size, seed=cfg.seed))
+            result["summary"] = summarize(records, cfg, loaders)
+            write_report(result, Path(cfg.out_dir))
         del bench, llm
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {
-        "device": machine_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "config": to_dict(cfg),
-        "records": records,
-        "summary": summarize(records, cfg),
-    }
-    write_report(result, Path(cfg.out_dir))
+    logger.info("wrote %s, bench.md and bench.png\n%s", Path(cfg.out_dir) / "bench.json", markdown(result))
     return result
 
 
@@ -379,29 +430,54 @@ def markdown(result: dict) -> str:
             f"{r['images']} | {r['patches']} |"
         )
     modes = cfg["padded_modes"]
-    lines += [
-        "",
-        "| LLM | seq | saving vs continuous | paper | vs continuous-trainable | offline over text-only | "
-        "embedder share of step FLOPs | " + " | ".join(f"packed/padded {m}" for m in modes) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(modes),
-    ]
+    head = ["LLM", "seq", "saving vs continuous", "paper", "vs continuous-trainable", "offline over text-only",
+            "predicted", "unfolded over text-only", "embedder share of step FLOPs", "loader share of step",
+            *(f"packed/padded {m}" for m in modes)]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in result["summary"]:
-        speedups = " | ".join(_num(s["packed_speedup"].get(m), ".2f", "x") for m in modes)
+        cells = [s["llm"], str(s["seq_len"]), _pct(s["saving_vs_continuous"]), _pct(s["paper_saving"]),
+                 _pct(s["saving_vs_continuous_trainable"]), _pct(s["overhead_vs_text_only"]),
+                 _pct(s.get("overhead_vs_text_only_predicted")), _pct(s.get("overhead_vs_text_only_unfolded")),
+                 _pct(s["embedder_step_flop_share"]), _pct(s.get("loader_share_of_step")),
+                 *(_num(s["packed_speedup"].get(m), ".2f", "x") for m in modes)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result.get("loader"):
+        lines += ["", markdown_loader(result["loader"])]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_loader(loaders: list[dict]) -> str:
+    lines = [
+        "Code-shard data path (CodeStore -> CodesDataset -> PackedDataset -> collate_packed), on this machine's CPU:",
+        "",
+        "| seq | samples | rows | prepare s | samples/s in-process | s/row | samples/s with workers | s/row |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in loaders:
+        one, many = d["single"], d.get("workers") or {}
         lines.append(
-            f"| {s['llm']} | {s['seq_len']} | {_pct(s['saving_vs_continuous'])} | "
-            f"{_pct(s['paper_saving'])} | "
-            f"{_pct(s['saving_vs_continuous_trainable'])} | {_pct(s['overhead_vs_text_only'])} | "
-            f"{_pct(s['embedder_step_flop_share'])} | {speedups} |"
+            f"| {d['seq_len']} | {d['samples']} | {d['rows']} | {d['prepare_s']:.2f} | "
+            f"{_num(one['samples_per_s'], '.0f')} | {_num(one['row_s'], '.4f')} | "
+            f"{_num(many.get('samples_per_s'), '.0f')} ({d['workers_count']}) | {_num(many.get('row_s'), '.4f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _atomic(path: Path, write) -> None:
+    # a reader (or a run killed mid-write) never sees half a report
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "bench.md").write_text(markdown(result))
-    bench_plot.plot(result, out_dir / "bench.png")
-    logger.info("wrote %s, bench.md and bench.png\n%s", out_dir / "bench.json", markdown(result))
+    _atomic(out_dir / "bench.json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    _atomic(out_dir / "bench.md", lambda p: p.write_text(markdown(result)))
+    _atomic(out_dir / "bench.png", lambda p: bench_plot.plot(result, p))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -417,6 +493,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe", help="bench recipe YAML (recipes/bench/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=3")
-    args = parser.parse_args(argv)
-    run_bench(load_config(BenchConfig, resolve_recipe(args.recipe), args.overrides))
+    parser.add_argument("--loader-only", action="store_true",
+                        help="time only the code-shard data path at each sequence length of the recipe (no model "
+                             "is built; the tokenizer preset's codebook and patch) and print its table")
+    args = parser.parse_intermixed_args(argv)  # the flag may stand among the overrides
+    cfg = load_config(BenchConfig, resolve_recipe(args.recipe), args.overrides)
+    if args.loader_only:
+        print(markdown_loader(loader_only(cfg)), end="")
+    else:
+        run_bench(cfg)
     return 0
+
+
+def loader_only(cfg: BenchConfig) -> list[dict]:
+    """The data path's throughput at every sequence length of ``cfg`` (bench_loader.measure_loader)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    tcfg = steps.tokenizer_config(cfg.encoder)
+    head = tcfg.head
+    if head.quantizer != "fsq":
+        raise ValueError(f"encoder {cfg.encoder!r} has no codebook (quantizer {head.quantizer!r}): no codes to load")
+    codebook = int(np.prod(head.levels))
+    return [measure_loader(cfg.data, n, rows=max(cfg.loader_rows, 2), workers=cfg.loader_workers, codebook=codebook,
+                           codes_per_patch=head.expand, patch=tcfg.encoder.patch_size, seed=cfg.seed)
+            for n in dict.fromkeys(c.seq_len for c in cfg.presets)]

@@ -15,9 +15,10 @@ MODE_STYLES = {
     "continuous-trainable": ("#E69F00", "//"),
     "viq-online": ("#56B4E9", ".."),
     "viq-offline": ("#0072B2", ""),
+    "viq-offline-unfolded": ("#009E73", "\\\\"),
     "text-only": ("#999999", "xx"),
 }
-OTHER_STYLES = (("#009E73", "\\\\"), ("#CC79A7", "++"), ("#000000", "--"))
+OTHER_STYLES = (("#CC79A7", "++"), ("#000000", "--"))
 CELL_INCHES = 1.4  # room per cell for its two-line tick label and saving label at 8 pt
 CHAR_INCHES = 0.075  # a little over the mean width of a DejaVu Sans character at 8 pt, for longer names
 HEADROOM = 1.35  # y range over the tallest bar: the saving labels sit above the bars, inside the axes

@@ -34,6 +34,7 @@ VISUAL_OF_MODE = {
     "continuous-trainable": "tower",
     "viq-online": "tower+head",
     "viq-offline": "embedder",
+    "viq-offline-unfolded": "embedder",  # the same, through the embedder's unfolded input map (CodeEmbedder.fold)
     "text-only": None,
 }
 LLM_SHAPE_KEYS = (
@@ -143,7 +144,8 @@ def set_trainable(bench: Workbench, mode: str) -> None:
     tok.encoder.requires_grad_(mode == "continuous-trainable")
     tok.encoder.train(mode == "continuous-trainable")  # train mode turns on its gradient checkpointing
     tok.head.requires_grad_(False)
-    tok.head.embedder.requires_grad_(mode == "viq-offline" and bench.embedder_trainable)
+    tok.head.embedder.requires_grad_(mode.startswith("viq-offline") and bench.embedder_trainable)
+    tok.head.embedder.fold = mode != "viq-offline-unfolded"
 
 
 # ----------------------------------------------------------------------------------- batches
@@ -287,6 +289,14 @@ def train_step(bench: Workbench, mode: str, batch: dict, attn_kwargs: dict) -> f
     return float(out.loss.detach())
 
 
+def embedder_forward(bench: Workbench, batch: dict) -> torch.Tensor:
+    """The code embedder alone on a codes batch, forward only and folded: what ``viq-offline`` adds to a
+    ``text-only`` step at the limit (the prediction of the bench's summary)."""
+    set_trainable(bench, "viq-offline")
+    with torch.no_grad():
+        return bench.models["embedder"].visual(codes=batch["codes"], image_grids=batch["image_grids"])
+
+
 # ------------------------------------------------------------------------------------- FLOPs
 
 
@@ -304,8 +314,9 @@ def _vit_flops(n: int, width: int, mlp: int, depth: int) -> float:
     return depth * (2.0 * n * (4 * width * width + 2 * width * mlp) + 4.0 * n * n * width)
 
 
-def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None) -> float:
-    """Forward FLOPs of a mode's visual path over images of ``grids`` (the projector not included)."""
+def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None, folded: bool = True) -> float:
+    """Forward FLOPs of a mode's visual path over images of ``grids`` (the projector not included);
+    ``folded``: the code embedder's folded input map, else project_out per sub-code and then fc1."""
     if path is None:
         return 0.0
     enc, head = tcfg.encoder, tcfg.head
@@ -314,8 +325,8 @@ def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None) -
     for h_, w_ in grids:
         n = h_ * w_
         # the folded input map (viq.decoder.CodeEmbedder): E*d raw code values -> E*C, then fc2, post MLP, blocks
-        embedder = n * 2.0 * (e * head.code_dim * e * w + e * w * w + 2 * w * w
-                              + head.post_blocks * 2 * w * head.post_hidden)
+        input_map = e * head.code_dim * e * w if folded else e * head.code_dim * w + (e * w) ** 2
+        embedder = n * 2.0 * (input_map + e * w * w + 2 * w * w + head.post_blocks * 2 * w * head.post_hidden)
         if path == "embedder":
             total += embedder
             continue

@@ -48,7 +48,16 @@ from mllm.train.checkpoint import load_checkpoint_weights, save_checkpoint
 from mllm.train.optim import param_groups
 from mllm.train.restart import mark_run_complete, resume_target, train_or_restore
 from mllm.train.rundir import LOG_FILE, RunLock, claim_output_dir
-from mllm.train.zero import random_llm_outside_zero_init
+from mllm.train.zero import (
+    check_resume_world_size,
+    check_zero_config,
+    cpu_adamw,
+    load_zero_config,
+    loads_universal,
+    offloads_optimizer,
+    random_llm_outside_zero_init,
+    repair_universal_load,
+)
 from viq.config import PreprocessConfig
 from viq.configio import to_dict
 
@@ -99,6 +108,7 @@ class MLLMTrainer(Trainer):
         self._samples = 0
         self._t_last: float | None = None
         self._group_lrs: dict[str, float] = {}
+        self._group_hyper: list[dict] = []  # each optimizer group's hyperparameters but its learning rate, as built
         self._staging: Path | None = None  # the staging root of the checkpoint being saved
         self.resume_from: str | None = None  # set by prepare_trainer
         self.run_lock: RunLock | None = None  # held by the main process, from prepare_trainer
@@ -112,10 +122,11 @@ class MLLMTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             target = self.accelerator.unwrap_model(self.model if model is None else model)
-            self.optimizer = torch.optim.AdamW(
-                param_groups(target, self.recipe), lr=self.recipe.train.learning_rate,
-                betas=tuple(self.recipe.train.adam_betas), eps=1e-8,
-            )
+            hyper = {"lr": self.recipe.train.learning_rate, "betas": tuple(self.recipe.train.adam_betas), "eps": 1e-8}
+            adamw = cpu_adamw if offloads_optimizer(self.args) else torch.optim.AdamW
+            self.optimizer = adamw(param_groups(target, self.recipe), **hyper)
+            self._group_hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                                 for g in self.optimizer.param_groups]
         return self.optimizer
 
     # inputs
@@ -209,6 +220,12 @@ class MLLMTrainer(Trainer):
             ckpt_io.fire("weights", Path(output_dir))
         else:
             log.info("saved %s", output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and loads_universal(self.args):
+            repair_universal_load(self.optimizer, self._group_hyper, self.lr_scheduler.base_lrs,
+                                          self.lr_scheduler.get_last_lr())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_checkpoint_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
@@ -373,6 +390,9 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
     # TrainingArguments come first: they start the process group (data is prepared on the first local
     # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
     args = training_arguments(cfg, resolve_dtype(cfg.model.dtype), has_eval=cfg.data.eval is not None)
+    if cfg.train.deepspeed:  # the launch's world size is known now, and no model is built yet
+        path, ds = load_zero_config(cfg.train.deepspeed)
+        check_zero_config(ds, cfg, args.world_size, cuda=torch.cuda.is_available(), source=str(path))
     _init_distributed(args)
     # the output folder is this run's (mllm.train.rundir) before anything is written into it; the caller
     # gives it back with trainer.release_output_dir()
@@ -391,6 +411,8 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
 
 def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_transform) -> MLLMTrainer:
     resume = resume_target(cfg)
+    if resume is not None and cfg.train.deepspeed:
+        check_resume_world_size(resume, args.world_size, load_zero_config(cfg.train.deepspeed)[1])
     with random_llm_outside_zero_init(cfg, args):
         built = build(cfg, args)
     with args.main_process_first(local=True, desc="data preparation"):

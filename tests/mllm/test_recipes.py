@@ -18,7 +18,7 @@ from mllm.model.llm import LLM_PRESETS, LORA_TARGETS, preset_config, random_shap
 from viq.configio import ConfigError, load_yaml
 
 # recipes/bench/ holds `viq bench` configs, a different schema that mllm.tools.bench's tests load
-OTHER_SCHEMAS = ("bench", "demo")  # parsed by their own tests (test_bench, test_demo)
+OTHER_SCHEMAS = ("bench", "demo", "sweeps")  # parsed by their own tests (test_bench, test_demo, test_sweep_config)
 YAMLS = sorted(p for p in RECIPES.rglob("*.yaml") if p.relative_to(RECIPES).parts[0] not in OTHER_SCHEMAS)
 FAMILIES = ("qwen2.5", "qwen3", "llama3", "smollm2")
 STAGES = ("pretrain_projector", "sft_full", "sft_lora")

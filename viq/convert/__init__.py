@@ -1,4 +1,5 @@
-"""Weight loaders: SigLIP2 checkpoints in Hugging Face format, and stage-to-stage key maps."""
+"""Weight loaders: SigLIP / SigLIP2 checkpoints in Hugging Face format, the authors' released weights, and
+stage-to-stage key maps."""
 
 from viq.convert.keymap import KeyMapReport, apply_key_map
 from viq.convert.reference import load_reference

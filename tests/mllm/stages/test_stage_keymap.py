@@ -19,8 +19,13 @@ from viq.tokenizer import ViQTokenizer
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tokenizer" / "debug"
 # the tensors whose shape depends on the code width (bottleneck 16 vs 4 FSQ levels), and the codebook
-CHANGED = ["head.embedder.codebook", "head.embedder.project_out.weight", "head.project_in.bias",
-           "head.project_in.weight"]
+RESHAPED = ["head.embedder.codebook", "head.embedder.project_out.weight", "head.project_in.bias",
+            "head.project_in.weight"]
+# the head-wise RoPE block of the debug FSQ head: the proximal head has none (as the reference's FakeQuantizer)
+ROPE = sorted(f"head.rope_blocks.0.{name}.{p}" for name in (
+    "norm1", "attn.decrease_dim", "attn.qkv", "attn.proj", "attn.increase_dim", "norm2", "mlp.fc1", "mlp.fc2")
+    for p in ("weight", "bias"))
+CHANGED = sorted(RESHAPED + ROPE)
 
 
 def saved_tokenizer(path: Path, quantizer: str, seed: int) -> ViQTokenizer:
@@ -50,6 +55,7 @@ def test_proximal_to_fsq_loads_all_that_fits(tmp_path, caplog):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         fresh = ViQTokenizer(stage_tokenizer_config(source.cfg, cfg.stage)).state_dict()
+    assert ROPE == sorted(k for k in own if k.startswith("head.rope_blocks."))  # all of them start fresh
     for key in CHANGED:
         assert torch.equal(own[key], fresh[key]), key
     assert torch.equal(own["head.embedder.codebook"], FSQ((8, 5, 5, 5)).implicit_codebook())
@@ -58,13 +64,24 @@ def test_proximal_to_fsq_loads_all_that_fits(tmp_path, caplog):
     assert all(key in text for key in CHANGED) and "re-initialised" in text
 
 
-def test_fsq_to_proximal_ignores_only_the_codebook(tmp_path):
+def test_fsq_to_proximal_ignores_the_codebook_and_the_headwise_blocks(tmp_path):
     saved_tokenizer(tmp_path / "s1", "fsq", seed=2)  # a stage-1 directory (its head is the preset's FSQ one)
     tok, report, _ = load_stage_tokenizer(recipe("stage2_1_proximal", tmp_path / "s1"))
-    assert tok.head.fsq is None and tok.cfg.head.bottleneck_dim == 16
-    assert report.ignored == ["head.embedder.codebook"]
+    assert tok.head.fsq is None and tok.cfg.head.bottleneck_dim == 16 and len(tok.head.rope_blocks) == 0
+    assert sorted(report.ignored) == sorted(["head.embedder.codebook", *ROPE])
     assert report.reinitialised == ["head.embedder.project_out.weight", "head.project_in.bias",
                                     "head.project_in.weight"]
+
+
+def test_proximal_rope_variant_hands_its_blocks_on(tmp_path):
+    """head.proximal_rope_blocks=true: the variant whose 2-1 head has the head-wise blocks; 2-2 loads them."""
+    cfg = preset("debug")
+    head = dataclasses.replace(cfg.head, quantizer="linf", proximal_rope_blocks=True)
+    source = ViQTokenizer.from_preset("debug", seed=4, head=head)
+    source.save_pretrained(tmp_path / "p")
+    tok, report, _ = load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "p"))
+    assert report.reinitialised == RESHAPED
+    assert all(torch.equal(tok.state_dict()[k], source.state_dict()[k]) for k in ROPE)
 
 
 def test_same_head_loads_everything(tmp_path):

@@ -26,8 +26,11 @@ from viq.configio import ConfigError
 from viq.tokenizer import ViQTokenizer
 
 TOK = RECIPES / "tokenizer"
-CHANGED = ["head.embedder.codebook", "head.embedder.project_out.weight", "head.project_in.bias",
-           "head.project_in.weight"]
+# re-initialised entering 2-2: the code-width tensors, and the head-wise RoPE block the proximal head lacks
+CHANGED = sorted(["head.embedder.codebook", "head.embedder.project_out.weight", "head.project_in.bias",
+                  "head.project_in.weight"] + [f"head.rope_blocks.0.{name}.{p}" for name in (
+                      "norm1", "attn.decrease_dim", "attn.qkv", "attn.proj", "attn.increase_dim", "norm2",
+                      "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")])
 
 
 def stage_cfg(name: str, demo, out: Path, *extra: str):
@@ -216,15 +219,28 @@ def test_llm_from_init_needs_an_llm_stage(chain, demo_data, tmp_path):
         stage_cfg("stage2_2_fsq", demo_data, tmp_path, "train.calibrate_projector=true", "stage.llm_from_init=true")
 
 
-@pytest.mark.parametrize("size", ["so400m", "g"])
-@pytest.mark.parametrize("name", ["stage1", "stage2_2_fsq"])
+# millions of parameters as the reference's (viq-reference.md §2.2, §9): g backbone 1,160M + MAP 28M, low head
+# 277M of which the FSQ stage's head-wise RoPE blocks are 59.8M (absent from the proximal head, as its
+# FakeQuantizer), reconstruction adapter 90M (+ the 1536 -> 64 output conv)
+REFERENCE_M = {"g": {"tower": 1188, "stage2_2_fsq": 277.0, "rope": 59.8, "decoder": 90.6},
+               "so400m": {"tower": 446.5}}
+
+
+@pytest.mark.parametrize("size, name", [("so400m", "stage1"), ("so400m", "stage2_2_fsq"), ("g", "stage1"),
+                                        ("g", "stage2_1_proximal"), ("g", "stage2_2_fsq")])
 def test_real_scale_dry_run(size, name):
     counts = dry_run(load_recipe(TOK / size / f"{name}.yaml"))
-    tower = {"so400m": (4.0e8, 4.6e8), "g": (1.15e9, 1.2e9)}[size]
-    assert tower[0] < counts["tower"] < tower[1] and counts["teacher"] == counts["tower"]
-    assert 4.9e8 < counts["llm"] < 5.4e8 and 0 < counts["trainable/llm"] < 0.1 * counts["llm"]  # LoRA only
-    if name == "stage2_2_fsq":
+    ref = REFERENCE_M[size]
+    assert counts["tower"] / 1e6 == pytest.approx(ref["tower"], abs=0.5) and counts["teacher"] == counts["tower"]
+    assert 4.9e8 < counts["llm"] < 5.4e8 and 0 < counts["trainable/llm"] < 0.1 * counts["llm"]  # DoRA only
+    if name != "stage1":
         assert counts["trainable/head"] > 0 and counts["trainable/decoder"] > 0
+    if size == "g" and name == "stage2_2_fsq":
+        assert counts["head"] / 1e6 == pytest.approx(ref["stage2_2_fsq"], abs=0.5)
+        assert counts["decoder"] / 1e6 == pytest.approx(ref["decoder"], abs=0.5)
+    if size == "g" and name == "stage2_1_proximal":  # the same head without the head-wise RoPE blocks
+        head_22 = ref["stage2_2_fsq"] - ref["rope"]
+        assert counts["head"] / 1e6 == pytest.approx(head_22, abs=0.5)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -11,10 +11,20 @@ import pytest
 import torch
 
 from mllm.data.chat import IGNORE_INDEX
+from mllm.data.codes import CodeStore
 from mllm.data.layout import num_image_tokens
 from mllm.model.varlen_attn import register
 from mllm.tools import bench_steps as steps
-from mllm.tools.bench import BenchConfig, SampleMixConfig, run_bench, variants
+from mllm.tools.bench import (
+    BenchConfig,
+    SampleMixConfig,
+    peak_flops,
+    predicted_overhead,
+    run_bench,
+    summarize,
+    variants,
+)
+from mllm.tools.bench_loader import measure_loader, write_synthetic_codes
 from viq.configio import ConfigError, load_config
 from viq.tokenizer import ViQTokenizer
 
@@ -133,6 +143,8 @@ def test_tiny_bench_writes_every_figure(tmp_path):
             "data.grid_weights=[0.3, 0.3, 0.3, 0.1]",
             "data.prompt_tokens=[2, 12]",
             "data.answer_tokens=[1, 48]",
+            "loader_rows=2",
+            "loader_workers=0",
             f"out_dir={tmp_path}",
         ],
     )
@@ -145,6 +157,11 @@ def test_tiny_bench_writes_every_figure(tmp_path):
     summary = saved["summary"][0]
     assert {"saving_vs_continuous", "overhead_vs_text_only"} <= set(summary)
     assert summary["saving_vs_continuous"] is not None and summary["overhead_vs_text_only"] is not None
+    offline = next(r for r in saved["records"] if r["mode"] == "viq-offline" and r["packed"])
+    assert summary["overhead_vs_text_only_predicted"] == pytest.approx(
+        offline["embedder_forward_s"] / next(r["step_time_s"] for r in saved["records"] if r["mode"] == "text-only"))
+    assert saved["loader"][0]["seq_len"] == 160 and summary["loader_share_of_step"] > 0
+    assert "loader share of step" in (tmp_path / "bench.md").read_text()
     # the real assertion: every mode fed the LLM the same tokens, and only the visual work differs
     assert {r["llm_tokens"] for r in result["records"]} == {160}
     by_mode = {(r["mode"], r["packed"]): r for r in result["records"]}
@@ -179,3 +196,84 @@ def test_packed_and_padded_losses_agree():
             extra = steps.attention_kwargs(batch, "viq_varlen")
             losses.append(model(**{k: v for k, v in batch.items() if k != "cu_seq_lens"}, **extra).loss)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
+
+
+def test_predicted_overhead_is_the_embedder_forward_over_the_text_only_step():
+    assert predicted_overhead(2.0, 0.3) == pytest.approx(0.15)
+    assert predicted_overhead(None, 0.3) is None and predicted_overhead(2.0, None) is None
+    with pytest.raises(ValueError, match="must be positive, got 0"):
+        predicted_overhead(0.0, 0.3)
+
+
+def test_summary_columns_from_step_times():
+    cfg = load_config(BenchConfig, None, ["presets=[{llm: debug, seq_len: 100}]", "padded_modes=[]"])
+    times = {"continuous": 4.0, "viq-offline": 2.4, "viq-offline-unfolded": 2.6, "text-only": 2.0}
+    records = [{"llm": "debug", "seq_len": 100, "mode": m, "packed": True, "step_time_s": t,
+                "embedder_forward_s": 0.3 if m == "viq-offline" else None, "visual_flops": 1.0, "llm_flops": 20.0}
+               for m, t in times.items()]
+    loaders = [{"seq_len": 100, "single": {"row_s": 0.12, "samples_per_s": 50.0}}]
+    (s,) = summarize(records, cfg, loaders)
+    assert s["saving_vs_continuous"] == pytest.approx(0.4)
+    assert s["overhead_vs_text_only"] == pytest.approx(0.2)
+    assert s["overhead_vs_text_only_predicted"] == pytest.approx(0.15)
+    assert s["overhead_vs_text_only_unfolded"] == pytest.approx(0.3)
+    assert s["loader_share_of_step"] == pytest.approx(0.05)
+    assert s["embedder_step_flop_share"] == pytest.approx(0.05)
+    assert s["saving_vs_continuous_trainable"] is None  # a mode that did not run leaves its column empty
+    assert summarize(records, cfg, None)[0]["loader_share_of_step"] is None
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                          ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                          ("NVIDIA GeForce RTX 4090", None), (None, None)])
+def test_peak_flops_by_device_name(name, tflops):
+    assert peak_flops(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_peak_flops_override_and_cpu():
+    assert peak_flops("NVIDIA GeForce RTX 4090", 165.0) == 165.0e12
+    assert peak_flops(None, 165.0) is None  # no MFU on a CPU
+
+
+def test_unfolded_mode_is_the_same_model_through_the_unfolded_path(monkeypatch):
+    tok = ViQTokenizer(steps.tokenizer_config("debug")).eval()
+    llm = steps.build_llm(steps.llm_spec("debug", {}), torch.float32, torch.device("cpu"), "sdpa", 0)
+    bench = steps.build_workbench(tok, llm, lr=1e-5, embedder_trainable=False)
+    samples = steps.synth_samples(MIX, 200, np.random.default_rng(2))
+    items = steps.make_items(samples, "codes", vocab=llm.config.vocab_size, image_token_id=bench.image_token_id,
+                             codebook=tok.codebook_size, codes_per_patch=4, patch=16, seed=0)
+    batch = steps.collate(items, packed=True)
+    model = bench.models["embedder"].eval()
+    embedder, folds = tok.head.embedder, []
+    fold = embedder.folded_input_map
+    monkeypatch.setattr(embedder, "folded_input_map", lambda: folds.append(1) or fold())
+    losses = {}
+    for mode, n_folds in (("viq-offline-unfolded", 0), ("viq-offline", 1)):
+        steps.set_trainable(bench, mode)
+        with torch.no_grad():
+            losses[mode] = model(**{k: v for k, v in batch.items() if k != "cu_seq_lens"}).loss
+        assert len(folds) == n_folds, mode  # the unfolded mode never builds the folded map
+    torch.testing.assert_close(losses["viq-offline"], losses["viq-offline-unfolded"], atol=1e-5, rtol=1e-5)
+    grids = [s.grid for s in samples if s.grid]
+    head, w = tok.cfg.head, tok.cfg.encoder.width
+    e, d, n = head.expand, head.code_dim, sum(h * w_ for h, w_ in grids)
+    folded = steps.visual_forward_flops(tok.cfg, grids, "embedder")
+    unfolded = steps.visual_forward_flops(tok.cfg, grids, "embedder", folded=False)
+    assert unfolded - folded == pytest.approx(2.0 * n * (e * d * w + (e * w) ** 2 - e * d * e * w))
+
+
+def test_loader_shards_hold_the_written_codes_and_the_loader_counts_every_sample(tmp_path):
+    samples = [s for seed in range(3) for s in steps.synth_samples(MIX, 120, np.random.default_rng(seed))]
+    data, codes = write_synthetic_codes(tmp_path, samples, codebook=1000, codes_per_patch=4, patch=16)
+    store = CodeStore(codes)
+    with_image = [s for s in samples if s.grid]
+    assert len(store) == len(with_image) and len(json.loads(data.read_text())) == len(samples)
+    for i, s in enumerate(samples):
+        if s.grid:
+            got, grid = store[f"images/{i:06d}.png"]
+            assert grid == s.grid and got.numel() == 4 * s.grid[0] * s.grid[1] and int(got.max()) < 1000
+    result = measure_loader(MIX, 120, rows=3, workers=0, codebook=1000, codes_per_patch=4, patch=16)
+    assert result["rows"] >= 3 and result["samples"] > result["rows"]
+    assert result["single"]["samples_per_s"] > 0 and result["single"]["row_s"] > 0 and result["workers"] is None
+    with pytest.raises(ValueError, match="loader rows must be >= 2"):
+        measure_loader(MIX, 120, rows=1)

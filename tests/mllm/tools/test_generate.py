@@ -18,10 +18,11 @@ from mllm.model.build import build_mllm
 from mllm.tools.evaluate import eval_main, evaluate_mllm
 from mllm.tools.inference import (
     Request,
+    answer_generation_config,
     generate,
     generate_batch,
+    generate_ids,
     generate_main,
-    greedy_decode,
     load_mllm,
     load_vis_tokenizer,
     preprocess_image,
@@ -66,9 +67,10 @@ def _image(w=80, h=50, colour=(200, 30, 30)):
     return img
 
 
-def _tokens(model, text_tok, requests, vis_tok, n=N_NEW):
+def _tokens(model, text_tok, requests, vis_tok, n=N_NEW, **options):
     embeds = prompt_embeddings(model, text_tok, requests, vis_tok)
-    return greedy_decode(model.llm, embeds, stop_token_ids(text_tok, model.llm), n)
+    config = answer_generation_config(model.llm, text_tok, max_new_tokens=n, **options)
+    return generate_ids(model.llm, text_tok, embeds, config)
 
 
 def _requests(model, vis_tok, settings):
@@ -286,3 +288,104 @@ def test_generate_on_cuda_in_bf16(demo_data, tmp_path, recipe):
     answers += generate_batch(model, text_tok, [Request("What colour?", pixels=x), Request("no image")],
                               vis_tokenizer=vis_tok, max_new_tokens=4)
     assert all(isinstance(a, str) for a in answers)
+
+
+
+# what the hand-written greedy loop with a KV cache (mllm.tools.inference before it called transformers'
+# generate()) answered to _requests on this fixture's model, 12 new tokens, batched and one by one alike
+OLD_LOOP_TOKENS = [[2126, 1803, 695, 781, 908, 1465, 1251, 895, 1593, 311, 1703, 562],
+                   [2085, 1610, 1683, 1457, 137, 1595, 2065, 1132, 1601, 1489, 218, 2046],
+                   [781, 1641, 2033, 662, 2019, 1979, 555, 621, 1126, 231, 141, 1879]]
+
+
+def test_generate_gives_the_old_loops_greedy_tokens(trained):
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    requests = _requests(m, vt, trained["image"])
+    assert _tokens(m, tt, requests, vt, n=12) == OLD_LOOP_TOKENS
+    assert [_tokens(m, tt, [r], vt, n=12)[0] for r in requests] == OLD_LOOP_TOKENS
+
+
+def test_sampling_with_top_k_one_is_greedy_and_seeded_sampling_repeats(trained):
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    requests = _requests(m, vt, trained["image"])
+    assert _tokens(m, tt, requests, vt, n=12, do_sample=True, top_k=1) == OLD_LOOP_TOKENS
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(_tokens(m, tt, requests, vt, n=12, do_sample=True, temperature=5.0, top_k=0))
+    assert runs[0] == runs[1] and runs[0] != OLD_LOOP_TOKENS
+
+
+def test_beam_search_batched_equals_one_by_one(trained):
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    requests = _requests(m, vt, trained["image"])
+    beams = _tokens(m, tt, requests, vt, n=8, num_beams=3)
+    assert beams == [_tokens(m, tt, [r], vt, n=8, num_beams=3)[0] for r in requests]
+    assert all(len(row) == 8 for row in beams)
+
+
+def test_stop_strings_end_the_answer_at_the_string(trained):
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    request = _requests(m, vt, trained["image"])[:1]
+    greedy = OLD_LOOP_TOKENS[0]
+    stop = tt.decode(greedy[4])
+    assert stop.strip() and stop not in tt.decode(greedy[:4])  # the 5th token first brings it
+    got = _tokens(m, tt, request, vt, n=12, stop_strings=[stop])[0]
+    assert got == greedy[:5]
+    assert generate_batch(m, tt, request, vis_tokenizer=vt, stop_strings=[stop]) == [tt.decode(got).strip()]
+
+
+def test_streamer_sees_the_answer_tokens(trained):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    streamer = Collect()
+    answer = generate(m, tt, "What colour is the square?", image=_image(), vis_tokenizer=vt,
+                      settings=trained["image"], streamer=streamer, max_new_tokens=12)
+    # the first put is the (empty) prompt of an inputs_embeds call, then one token per step
+    streamed = [t for put in streamer.puts[1:] for t in (put if isinstance(put, list) else [put])]
+    assert streamer.ended and streamed == OLD_LOOP_TOKENS[0]
+    assert answer == tt.decode(OLD_LOOP_TOKENS[0], skip_special_tokens=True).strip()
+
+
+def test_generation_config_and_bad_options(trained):
+    from transformers import GenerationConfig
+
+    m, tt, vt = trained["model"], trained["text_tok"], trained["vis_tok"]
+    requests = _requests(m, vt, trained["image"])
+    embeds = prompt_embeddings(m, tt, requests, vt)
+    config = answer_generation_config(m.llm, tt, GenerationConfig(max_new_tokens=3))
+    assert config.eos_token_id == sorted(stop_token_ids(tt, m.llm))
+    assert generate_ids(m.llm, tt, embeds, config) == [row[:3] for row in OLD_LOOP_TOKENS]
+    with pytest.raises(ValueError, match=r"unknown generation options \['temprature'\]"):
+        answer_generation_config(m.llm, tt, temprature=0.5)
+    with pytest.raises(ValueError, match="max_new_tokens` must be greater than 0, but is 0"):
+        answer_generation_config(m.llm, tt, max_new_tokens=0)
+    with pytest.raises(ValueError, match="num_return_sequences must be 1, got 2"):
+        answer_generation_config(m.llm, tt, num_beams=2, num_return_sequences=2)
+
+
+def test_generate_cli_generation_options(trained, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    _image().save(image)
+    base = [str(trained["dir"]), "--image", str(image), "What colour is the square?", "--max-new-tokens", "12"]
+    assert generate_main(base) == 0
+    greedy = capsys.readouterr().out.strip()
+    assert generate_main([*base, "--do-sample", "--top-p", "0.9", "--temperature", "0.5", "--seed", "1"]) == 0
+    assert generate_main([*base, "--num-beams", "2", "--stop", "x"]) == 0
+    capsys.readouterr()
+    assert generate_main([*base, "--do-sample", "--seed", "1", "--top-p", "0.9", "--temperature", "1e-4"]) == 0
+    assert capsys.readouterr().out.strip() == greedy  # a near-zero temperature samples the argmax
+    with pytest.raises(SystemExit):
+        generate_main([*base, "--max-new-tokens", "0"])
+    assert "must be positive, got 0" in capsys.readouterr().err

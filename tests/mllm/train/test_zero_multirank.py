@@ -11,7 +11,8 @@ over four steps when measured; 1e-4 relative leaves room for that, while another
 per-rank means instead of the token-weighted mean would change the loss by far more (different packs'
 losses differ by ~0.1). The weights after four steps differed by at most 3e-6 (ZeRO-3 against one rank).
 
-The multi-rank runs take about 10-15 s each on two cores; the one-rank reference is shared.
+The multi-rank runs take about 10-15 s each on two cores; the one-rank reference (tests/mllm/train/conftest.py)
+is shared with the other multi-rank test modules.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from pathlib import Path
 import pytest
 import torch
 from mllm_helpers import RECIPES, REPO, debug_overrides, step_losses
-from safetensors.torch import load_file
+from multirank import (
+    LAUNCHER_VARS,
+    SCHEDULE,
+    STEPS,
+    ZERO2,
+    ZERO3,
+    assert_losses_match,
+    assert_same_weights,
+    ok,
+    two_ranks,
+)
 from transformers import AutoModelForCausalLM
 
 from mllm.cli import main
@@ -37,51 +48,6 @@ from mllm.train.checkpoint import load_exported
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
-
-STEPS = 4
-SCHEDULE = (f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1")
-ZERO2, ZERO3 = RECIPES / "deepspeed" / "zero2.json", RECIPES / "deepspeed" / "zero3.json"
-WEIGHTS = ("visual.safetensors", "llm/model.safetensors")  # sft_full: the whole LLM is saved
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def two_ranks(recipe: Path, overrides: list[str], script: Path | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess:
-    target = [str(script)] if script is not None else ["-m", "mllm.cli"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target,
-           "train", str(recipe), *overrides]
-    # one thread per rank: two ranks share the two cores (DeepSpeed builds its CPU op on first use)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-def assert_losses_match(got: dict[int, float], reference: dict[int, float]) -> None:
-    assert sorted(got) == sorted(reference) == list(range(1, STEPS + 1))
-    for step in reference:
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got, reference)
-
-
-def assert_same_weights(a: Path, b: Path, names=WEIGHTS, atol: float = 1e-5) -> None:
-    """Same tensors, whole (not one rank's partition), equal within ``atol``."""
-    for name in names:
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        assert wa.keys() == wb.keys(), (name, sorted(set(wa) ^ set(wb))[:8])
-        for key in wa:
-            assert wa[key].shape == wb[key].shape, (name, key, wa[key].shape, wb[key].shape)
-            torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=f"{name}: {key}")
-
-
-@pytest.fixture(scope="module")
-def one_rank(demo_data, tmp_path_factory) -> Path:
-    """sft_full on one rank at the two-rank runs' global batch (two packs per step)."""
-    out = tmp_path_factory.mktemp("one_rank") / "run"
-    assert main(["train", str(RECIPES / "debug" / "sft_full.yaml"),
-                 *debug_overrides(demo_data, out, *SCHEDULE, "train.per_device_batch_size=2")]) == 0
-    return out
 
 
 def test_zero2_two_ranks_match_one_rank(one_rank, demo_data, tmp_path):

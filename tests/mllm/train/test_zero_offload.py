@@ -1,0 +1,56 @@
+"""ZeRO-3 with the optimizer and the parameters offloaded to the CPU (recipes/deepspeed/zero3_offload.json), and
+ZeRO-3 with non-reentrant gradient checkpointing plus LoRA on a frozen base, on two CPU ranks: both train with
+one rank's losses at the same global batch (the tolerance and why it holds: test_zero_multirank.py).
+
+Under offload the trainer hands DeepSpeed its CPU AdamW (mllm.train.zero.cpu_adamw): DeepSpeed refuses a torch
+optimizer there, so a run that trains at all has used it. Its first use compiles a C++ op (about 2.5
+CPU-minutes, cached in torch's extension folder afterwards)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from mllm_helpers import RECIPES, debug_overrides, step_losses
+from multirank import SCHEDULE, STEPS, ZERO3, ZERO3_OFFLOAD, assert_losses_match, assert_same_weights, ok, two_ranks
+
+from mllm.cli import main
+from mllm.model.layout import ADAPTER_WEIGHTS, LLM_DIR
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
+
+
+def test_zero3_offload_trains_and_saves_as_one_rank(one_rank, demo_data, tmp_path):
+    out = tmp_path / "offload"
+    ok(two_ranks(RECIPES / "debug" / "sft_full.yaml",
+                 debug_overrides(demo_data, out, *SCHEDULE, f"train.deepspeed={ZERO3_OFFLOAD}"), timeout=600))
+    assert_losses_match(step_losses(out), step_losses(one_rank))
+    for step in (2, STEPS):  # gathered from the CPU partitions: one rank's whole weights
+        assert_same_weights(out / f"checkpoint-{step}", one_rank / f"checkpoint-{step}")
+        # the optimizer state, partitioned over both ranks, for resuming
+        assert sorted(p.name for p in (out / f"checkpoint-{step}" / f"global_step{step}").glob("*optim_states.pt")) \
+            == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+
+
+def test_zero3_gradient_checkpointing_lora_on_a_frozen_base_as_one_rank(demo_data, tmp_path):
+    # lora.dropout=0: with dropout each rank draws its own masks from its own generator, so two ranks cannot
+    # draw one rank's masks and the losses part from step 3 on; without it the runs are the same computation.
+    # Gradient checkpointing (non-reentrant) recomputes the forward in the backward, which ZeRO-3 must gather
+    # for a second time while the frozen base's parameters have no gradients of their own.
+    lora = RECIPES / "debug" / "sft_lora.yaml"
+    two, one = tmp_path / "two", tmp_path / "one"
+    ok(two_ranks(lora, debug_overrides(demo_data, two, *SCHEDULE, "lora.dropout=0", f"train.deepspeed={ZERO3}",
+                                       "train.gradient_checkpointing=true")))
+    assert main(["train", str(lora), *debug_overrides(demo_data, one, *SCHEDULE, "lora.dropout=0",
+                                                      "train.per_device_batch_size=2")]) == 0
+    assert_losses_match(step_losses(two), step_losses(one))
+    assert_same_weights(two, one, names=(f"{LLM_DIR}/{ADAPTER_WEIGHTS}", "visual.safetensors"))
+
+
+def test_offload_recipe_offloads_optimizer_and_parameters():
+    zero = json.loads(Path(ZERO3_OFFLOAD).read_text())["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"

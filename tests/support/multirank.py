@@ -1,0 +1,58 @@
+"""Helpers of the multi-rank training tests: launching two CPU ranks, and comparing their runs with one rank's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mllm_helpers import RECIPES, REPO
+from safetensors.torch import load_file
+
+STEPS = 4
+SCHEDULE = (f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1")
+ZERO2, ZERO3 = RECIPES / "deepspeed" / "zero2.json", RECIPES / "deepspeed" / "zero3.json"
+ZERO3_OFFLOAD = RECIPES / "deepspeed" / "zero3_offload.json"
+WEIGHTS = ("visual.safetensors", "llm/model.safetensors")  # sft_full: the whole LLM is saved
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def rank_env() -> dict[str, str]:
+    """The test process's environment without any launcher variables, one thread per rank: two ranks share
+    the two cores (DeepSpeed builds its CPU op on first use)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=rank_env())
+
+
+def two_ranks(recipe: Path, overrides: list[str], script: Path | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    target = [str(script)] if script is not None else ["-m", "mllm.cli"]
+    return run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        *target, "train", str(recipe), *overrides], timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def assert_losses_match(got: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(got) == sorted(reference) == list(range(1, STEPS + 1))
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got, reference)
+
+
+def assert_same_weights(a: Path, b: Path, names=WEIGHTS, atol: float = 1e-5) -> None:
+    """Same tensors, whole (not one rank's partition), equal within ``atol``."""
+    for name in names:
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys(), (name, sorted(set(wa) ^ set(wb))[:8])
+        for key in wa:
+            assert wa[key].shape == wb[key].shape, (name, key, wa[key].shape, wb[key].shape)
+            torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=f"{name}: {key}")
