@@ -258,8 +258,8 @@ def train(out: Path, device: str, work: Path, steps: int, samples: int) -> int:
               "tokens_per_s": speed[-1]["tokens_per_s"] if speed else None,
               "peak_mem_gib": speed[-1].get("peak_mem_gib") if speed else None,
               "deepspeed_imported": "deepspeed" in sys.modules, "wall_s": time.perf_counter() - t0, "passed": ok}
-    print(f"LoRA from codes on {device}: {len(losses)} steps, loss {first and first[0]:.3f} -> "
-          f"{last and last[-1]:.3f} ({'falls' if falls else 'DOES NOT FALL'}), {report['tokens_per_s']} tokens/s, "
+    trend = f"loss {first[0]:.3f} -> {last[-1]:.3f} ({'falls' if falls else 'DOES NOT FALL'})" if losses else "no loss"
+    print(f"LoRA from codes on {device}: {len(losses)} steps, {trend}, {report['tokens_per_s']} tokens/s, "
           f"DeepSpeed imported: {report['deepspeed_imported']}; {'ok' if ok else 'FAIL'}")
     _write(out, "train", report)
     return 0 if ok else 1

@@ -26,8 +26,8 @@
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels NAME==VERSION ...
 # --no-deps fetches none of a package's own dependencies: name each missing one too (`unzip -p
 # wheels/NAME-*.whl '*/METADATA' | grep ^Requires-Dist` lists them), and keep one version of each.
-# Pure-Python packages (pyyaml's fallback, tqdm, peft, pytest, pluggy, iniconfig, ...) are one
-# py3-none-any wheel each.
+# A pure-Python package (tqdm, peft, pytest, pluggy, iniconfig, ...) is one py3-none-any wheel; for a
+# compiled one the flags above pick its cp312 manylinux wheel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -68,6 +68,9 @@ if [[ $DRY == 1 ]]; then
   LIMITS=(60 90 60 90 120)
 else
   DEVICE=cuda
+  # one GPU: the Trainer would wrap the model in DataParallel over several visible ones
+  CUDA_VISIBLE_DEVICES="$(echo "${CUDA_VISIBLE_DEVICES:-0}" | cut -d, -f1)"
+  export CUDA_VISIBLE_DEVICES
   REQUIRE=--require-cuda
   ATTN_TOKENS=16384
   BENCH=(recipes/bench/gpu.yaml "presets=[{llm: qwen2.5-0.5b, seq_len: 4096}, {llm: qwen2.5-0.5b, seq_len: 16384},

@@ -67,7 +67,7 @@ class SubtokenPositions(nn.Module):
 
     def __init__(self, grid: int, expand: int, width: int):
         super().__init__()
-        self.grid, self.expand, self.width = grid, expand, width
+        self.grid, self.width = grid, width
         self.table = nn.Parameter(torch.randn(1, grid * grid, expand * width) * 0.02)
 
     def forward(self, grids: list[tuple[int, int]]) -> torch.Tensor:

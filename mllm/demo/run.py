@@ -87,7 +87,7 @@ STEPS = ["generate data", "train tokenizer", "extract codes", "train MLLM from c
          "train continuous baseline", "evaluate", "benchmark", "report"]
 
 
-def _pretrained_llm(cfg: DemoConfig) -> list[str]:
+def pretrained_llm_overrides(cfg: DemoConfig) -> list[str]:
     """The overrides that put the demo on its real pretrained LLM, prepared first if need be; none without one."""
     if cfg.pretrained_llm is None:
         return []
@@ -138,7 +138,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     results: dict = {"config": to_dict(cfg)}
 
     prog.start("generate data")
-    llm = _pretrained_llm(cfg)
+    llm = pretrained_llm_overrides(cfg)
     data = generate_demo(work / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
 
     prog.start("train tokenizer")

@@ -192,7 +192,15 @@ def main(argv: list[str] | None = None, make_demo: MakeDemo | None = None) -> in
     try:
         sweep = load_sweep(args.sweep, args.overrides)
         if args.dry_run:
-            print(json.dumps(dry_run_sweep(sweep), indent=2))
+            counts = dry_run_sweep(sweep)
+            sweep.work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(sweep.work / "dry_run.json", counts)
+            for variant, stages in counts.items():
+                for stage, c in stages.items():
+                    what = c if isinstance(c, str) else f"{c['total'] / 1e6:.1f}M parameters, " \
+                                                        f"{c['trainable'] / 1e6:.1f}M trainable"
+                    print(f"{variant:<24} {stage:<20} {what}")
+            print(f"parameter counts per part: {sweep.work / 'dry_run.json'}")
         elif args.collect:
             report = collect(build_plan(sweep), CELL_FILE)
             print(report["report_dir"])

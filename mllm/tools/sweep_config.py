@@ -214,7 +214,8 @@ def _route(item: str, stages: list[Stage], raw: dict[str, dict]) -> list[str]:
     if ":" in key:
         stage, _, _ = key.partition(":")
         if stage not in names:
-            raise ConfigError(f"override {item!r} names stage {stage!r}, which is not in the chain ({', '.join(names)})")
+            raise ConfigError(f"override {item!r} names stage {stage!r}, which is not in the chain "
+                              f"({', '.join(names)})")
         return [stage]
     keys, _ = parse_override(item)
     targets = [n for n in names if _has_key(raw[n], keys)]

@@ -87,11 +87,40 @@ def _cell(metric: str, stats: dict | None, mark: str) -> str:
 
 
 def columns(agg: dict[str, dict[str, dict]]) -> list[str]:
-    names = {m for metrics in agg.values() for m in metrics}
+    """The main table's metrics (the wall time of each stage has a table of its own)."""
+    names = {m for metrics in agg.values() for m in metrics if not _stage_time(m)}
     order = ["vqa_accuracy", "probe_mean", "probe_colour", "probe_shape", "probe_count", "probe_position",
              "probe_word", "psnr", "psnr_mean_colour", "ssim", "codebook_usage", "perplexity", "code_stability",
              "seconds_total"]
     return [m for m in order if m in names] + sorted(m for m in names if m not in order)
+
+
+def _stage_time(metric: str) -> bool:
+    return metric.startswith("seconds_") and metric != "seconds_total"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def time_table(plan: Plan, agg: dict) -> list[str]:
+    stages = [f"seconds_{s.name}" for s in plan.stages]
+    if not any(m in agg.get(v.name, {}) for v in plan.variants for m in stages):
+        return []
+    rows = [[v.name, *(_cell(m, agg.get(v.name, {}).get(m), "") for m in stages)] for v in plan.variants]
+    return ["", "## Wall time per stage (s)", "", *_table(["variant", *(s.name for s in plan.stages)], rows)]
+
+
+def chance_line(cells: list[dict]) -> list[str]:
+    """The probe's chance level per question type (the most frequent training answer), over the cells."""
+    chance: dict[str, list[float]] = {}
+    for cell in cells:
+        for qtype, result in (cell.get("probe") or {}).items():
+            chance.setdefault(qtype, []).append(result["chance"])
+    if not chance:
+        return []
+    return ["", "Probe chance level (always the most frequent training answer, on the test images): "
+            + ", ".join(f"{t} {statistics.fmean(v):.3f}" for t, v in sorted(chance.items())) + "."]
 
 
 def paper_summary(plan: Plan, agg: dict[str, dict[str, dict]], verdicts: dict) -> list[str]:
@@ -117,7 +146,7 @@ def paper_summary(plan: Plan, agg: dict[str, dict[str, dict]], verdicts: dict) -
     return lines
 
 
-def render(plan: Plan, agg: dict, verdicts: dict, missing: list[str], n_cells: int) -> str:
+def render(plan: Plan, cells: list[dict], agg: dict, verdicts: dict, missing: list[str]) -> str:
     sweep = plan.sweep
     cols = columns(agg)
     has_paper = any(v.paper is not None for v in plan.variants)
@@ -125,12 +154,10 @@ def render(plan: Plan, agg: dict, verdicts: dict, missing: list[str], n_cells: i
     arrows = {1: "↑", -1: "↓", 0: "ref."}
     lines = [f"# Sweep {sweep.name}", "",
              f"{len(plan.variants)} variants x {len(sweep.seeds)} seeds (seeds {list(sweep.seeds)}); "
-             f"{n_cells - len(missing)} of {n_cells} cells finished. Each entry: mean ± std over seeds (sample std).",
+             f"{len(cells)} of {len(plan.cells)} cells finished. Each entry: mean ± std over seeds (sample std).",
              "**Bold**: the best of its column, ahead of the runner-up by more than their two spreads added. "
-             "≈: the best mean, but within the seeds' spread of the runner-up: not a win.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             "| " + " | ".join(["better", *(["higher"] if has_paper else []),
-                                *(arrows[direction(c)] for c in cols)]) + " |"]
+             "≈: the best mean, but within the seeds' spread of the runner-up: not a win.", ""]
+    rows = [["better", *(["higher"] if has_paper else []), *(arrows[direction(c)] for c in cols)]]
     for variant in plan.variants:
         row = [variant.name]
         if has_paper:
@@ -139,8 +166,8 @@ def render(plan: Plan, agg: dict, verdicts: dict, missing: list[str], n_cells: i
             v = verdicts.get(c)
             mark = v["status"] if v and v["best"] == variant.name else ""
             row.append(_cell(c, agg.get(variant.name, {}).get(c), mark))
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Verdicts", ""]
+        rows.append(row)
+    lines += [*_table(head, rows), *chance_line(cells), *time_table(plan, agg), "", "## Verdicts", ""]
     for c in cols:
         v = verdicts.get(c)
         if v is None:
@@ -161,7 +188,7 @@ def render(plan: Plan, agg: dict, verdicts: dict, missing: list[str], n_cells: i
 
 
 def plot(agg: dict, cols: list[str], variants: list[str], path: Path) -> None:
-    shown = [c for c in cols if not c.startswith("seconds_") or c == "seconds_total"]
+    shown = cols
     ncols = min(4, max(1, len(shown)))
     nrows = max(1, math.ceil(len(shown) / ncols))
     fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows), layout="constrained")
@@ -203,6 +230,6 @@ def collect(plan: Plan, cell_file: str) -> dict:
                "aggregate": agg, "verdicts": verdicts,
                "paper": {v.name: v.paper for v in plan.variants if v.paper is not None}}
     (report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (report / "report.md").write_text(render(plan, agg, verdicts, missing, len(plan.cells)))
+    (report / "report.md").write_text(render(plan, cells, agg, verdicts, missing))
     plot(agg, cols, names, report / "sweep.png")
     return results

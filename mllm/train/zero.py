@@ -72,7 +72,14 @@ def check_resume_world_size(ckpt: str | Path, world_size: int, ds: dict) -> None
     refuses later, after the model is built, without saying what to do); its universal format loads at any."""
     ckpt = Path(ckpt)
     tag_file = ckpt / "latest"
-    if not tag_file.is_file() or ds.get("checkpoint", {}).get("load_universal"):
+    if ds.get("checkpoint", {}).get("load_universal"):
+        if not (ckpt / "latest_universal").is_file():
+            raise ConfigError(f'the DeepSpeed config loads universal checkpoints ("load_universal": true) but {ckpt} '
+                              "has none (no latest_universal): convert it with `python -m "
+                              "deepspeed.checkpoint.ds_to_universal --input_folder CKPT/global_stepN --output_folder "
+                              "CKPT/global_stepN_universal`, or resume without load_universal")
+        return
+    if not tag_file.is_file():
         return
     tag = tag_file.read_text().strip()
     saved = len(list((ckpt / tag).glob(ZERO3_RANK_FILES)))
@@ -103,10 +110,10 @@ def repair_universal_load(optimizer: torch.optim.Optimizer, fresh: list[dict], b
         raise RuntimeError(f"resumed optimizer has {len(groups)} parameter groups, the run built {len(fresh)}")
     for group, hyper, base, lr in zip(groups, fresh, base_lrs, lrs, strict=True):
         group.update(hyper, initial_lr=base, lr=lr)
-        for param in group["params"]:
-            state = optimizer.state[param] if param in optimizer.state else {}
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+    # keyed by ZeRO's flat fp32 partitions, one per group (the groups' "params" stay empty between steps)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 @contextlib.contextmanager

@@ -21,11 +21,12 @@ from mllm_helpers import RECIPES, REPO, debug_overrides, step_losses
 from transformers import AutoModelForCausalLM
 
 from mllm.cli import main
-from mllm.config import RecipeConfig, load_recipe
+from mllm.config import RecipeConfig, load_recipe, resolve_recipe
 from mllm.data.chat import IGNORE_INDEX, render_conversation
 from mllm.data.dataset import SupervisedDataset
 from mllm.data.packing import collate_packed, collate_padded
 from mllm.data.readers import read_samples
+from mllm.demo.run import DemoConfig, pretrained_llm_overrides
 from mllm.model.build import build_mllm
 from mllm.model.layout import LLM_DIR
 from mllm.model.llm import load_llm, load_text_tokenizer
@@ -39,7 +40,7 @@ from mllm.tools.inference import (
 )
 from mllm.train.checkpoint import load_checkpoint_weights
 from viq.config import PreprocessConfig
-from viq.configio import from_dict
+from viq.configio import from_dict, load_config
 
 pytestmark = pytest.mark.slow
 SFT_STEPS = 24
@@ -220,3 +221,18 @@ def test_generate_through_transformers_gives_the_old_loops_answers(smollm2_dir, 
     # a peft-wrapped LLM (LoRA's zero update at init) goes through peft's generate() to the same tokens
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert answers(requests) == OLD_LOOP_TOKENS
+
+
+def test_the_smollm2_demo_runs_every_llm_stage_on_the_prepared_model(smollm2_dir):
+    cfg = load_config(DemoConfig, resolve_recipe("demo/smollm2"), [f"llm_dir={smollm2_dir}"])
+    llm = pretrained_llm_overrides(cfg)  # already prepared there: found, not converted again
+    assert llm == [f"model.llm={smollm2_dir}", "model.llm_init=pretrained"]
+    stages = [load_recipe(REPO / r, ["train.output_dir=unused", *llm, *cfg.tokenizer_overrides])
+              for r in cfg.tokenizer_recipes]
+    assert [s.stage.kind for s in stages] == ["stage1", "proximal", "fsq", "decoder"]
+    mllm = load_recipe(REPO / cfg.mllm_recipe, ["train.output_dir=unused", *llm, *cfg.mllm_overrides])
+    for recipe in [*stages[:3], mllm]:
+        assert (recipe.model.llm, recipe.model.llm_init, recipe.trainable.llm) == \
+            (str(smollm2_dir), "pretrained", "lora")
+    with pytest.raises(ValueError, match=r"unknown LLM 'smollm3' for prepare-llm; choose one of"):
+        pretrained_llm_overrides(dataclasses.replace(cfg, pretrained_llm="smollm3"))

@@ -84,6 +84,16 @@ def test_proximal_rope_variant_hands_its_blocks_on(tmp_path):
     assert all(torch.equal(tok.state_dict()[k], source.state_dict()[k]) for k in ROPE)
 
 
+def test_head_position_of_the_fsq_stage(tmp_path):
+    """stage.head_position sets the 2-2 head's position encoding; a learned table starts fresh and is listed."""
+    saved_tokenizer(tmp_path / "p", "linf", seed=5)
+    tok, report, _ = load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "p", "stage.head_position=learnable"))
+    assert tok.cfg.head.position == "learnable" and tok.head.rope is None
+    assert report.reinitialised == sorted(CHANGED + ["head.positions.table"])
+    none, _, _ = load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "p", "stage.head_position=none"))
+    assert none.cfg.head.position == "none" and none.head.rope is None and none.head.positions is None
+
+
 def test_same_head_loads_everything(tmp_path):
     source = saved_tokenizer(tmp_path / "f", "fsq", seed=3)
     tok, report, _ = load_stage_tokenizer(recipe("stage2_2_fsq", tmp_path / "f"))

@@ -249,6 +249,8 @@ def test_real_scale_dry_run(size, name):
     ("stage.levels=[8,5,5]", "stage.levels"),
     ("stage.area_range=[100,10]", "stage.area_range"),
     ("stage.llm_from_init=true", "stage.llm_from_init"),  # stage 1 has no init stage to continue
+    ("stage.head_position=none", "stage.head_position"),  # nor a head
+    ("stage.proximal_rope_blocks=true", "stage.proximal_rope_blocks"),
 ])
 def test_bad_stage_settings_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -24,6 +24,7 @@ from mllm.tools.bench import (
     summarize,
     variants,
 )
+from mllm.tools.bench import main as bench_main
 from mllm.tools.bench_loader import measure_loader, write_synthetic_codes
 from viq.configio import ConfigError, load_config
 from viq.tokenizer import ViQTokenizer
@@ -221,6 +222,19 @@ def test_summary_columns_from_step_times():
     assert s["embedder_step_flop_share"] == pytest.approx(0.05)
     assert s["saving_vs_continuous_trainable"] is None  # a mode that did not run leaves its column empty
     assert summarize(records, cfg, None)[0]["loader_share_of_step"] is None
+    # a report written while the bench is under way: the cells not run yet are left out
+    two = load_config(BenchConfig, None, ["presets=[{llm: debug, seq_len: 100}, {llm: debug, seq_len: 200}]"])
+    assert [c["seq_len"] for c in summarize(records, two, loaders)] == [100]
+
+
+def test_loader_only_prints_the_data_path_table(capsys):
+    rc = bench_main([str(REPO / "recipes" / "bench" / "gpu.yaml"), "--loader-only", "encoder=debug",
+                     "presets=[{llm: debug, seq_len: 120}, {llm: debug2, seq_len: 120}]", "loader_rows=2",
+                     "loader_workers=0", "data.grids=[[4, 4], [8, 8]]", "data.grid_weights=[0.5, 0.5]",
+                     "data.prompt_tokens=[2, 12]", "data.answer_tokens=[1, 48]"])
+    assert rc == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 120 |")]
+    assert len(rows) == 1  # one measurement per sequence length, however many LLMs use it
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),

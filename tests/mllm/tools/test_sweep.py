@@ -79,7 +79,8 @@ def test_sweep_runs_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
             assert agg["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
             assert agg["std"] == pytest.approx(statistics.stdev(values))
     # a 16-code book is used far more fully than a 1000-code one by the same few images
-    assert results["aggregate"]["small"]["codebook_usage"]["mean"] > results["aggregate"]["big"]["codebook_usage"]["mean"]
+    usage = {v: results["aggregate"][v]["codebook_usage"]["mean"] for v in ("small", "big")}
+    assert usage["small"] > usage["big"]
 
     report = (tmp_path / "report" / "report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| small") or line.startswith("| big")]
@@ -95,3 +96,20 @@ def test_sweep_runs_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
     started.clear()
     run_sweep(sweep, generate_demo)
     assert started == []
+
+
+@pytest.mark.slow
+def test_vqa_metric_trains_the_mllm_on_the_cells_tokenizer(tmp_path):
+    sweep_file = tmp_path / "vqa.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        **SWEEP, "mllm": "debug/sft_full", "variants": [{"name": "a"}], "seeds": [0], "metrics": ["vqa", "seconds"],
+        "demo": {"n_train": 60, "n_val": 2, "n_test": 12}, "work_dir": str(tmp_path / "work"),
+        "report_dir": str(tmp_path / "report")}))
+    results = run_sweep(load_sweep(sweep_file), generate_demo)
+    cell = results["cells"][0]
+    assert 0.0 <= cell["metrics"]["vqa_accuracy"] <= 1.0
+    assert set(cell["stage_seconds"]) == {"stage2_2_fsq", "mllm"}
+    assert set(cell["vqa_per_type"]) >= {"colour", "shape", "count", "position", "word"}
+    recipe = yaml.safe_load((tmp_path / "work/cells/a/seed0/mllm/mllm_config.yaml").read_text())
+    assert recipe["model"]["tokenizer"] == str(tmp_path / "work/cells/a/seed0/stage2_2_fsq/viq_tokenizer")
+    assert recipe["train"]["max_steps"] == 2  # the sweep-wide override reached the MLLM recipe too

@@ -4,6 +4,7 @@ sweeps parse, and their real-scale forms differ from the debug ones in the chain
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,18 @@ def test_shipped_sweeps_parse_and_their_real_scale_forms_change_the_chain_only(n
     for v in debug.variants:
         for stage, items in debug.overrides[v.name].items():
             assert real.overrides[v.name][stage] == [o for o in items if o.split("=")[0] not in SHORTENING]
+
+
+def test_dry_run_builds_every_stage_of_every_variant(tmp_path, capsys):
+    path = _sweep(tmp_path, variants=[{"name": "two", "overrides": ["stage2_2_fsq:stage.levels=[8,8]"]},
+                                      {"name": "six", "overrides": ["stage2_2_fsq:stage.levels=[8,8,8,5,5,5]"]}])
+    assert cli_main(["sweep", str(path), "--dry-run"]) == 0
+    counts = json.loads((tmp_path / "work" / "dry_run.json").read_text())
+    assert set(counts) == {"two", "six"} and set(counts["two"]) == {"stage2_1_proximal", "stage2_2_fsq"}
+    assert counts["two"]["stage2_1_proximal"] == counts["six"]["stage2_1_proximal"]
+    # the FSQ projections in and out of the code space grow by 4 dimensions of the 64-wide debug head
+    two, six = counts["two"]["stage2_2_fsq"]["head"], counts["six"]["stage2_2_fsq"]["head"]
+    assert six - two == 4 * (64 + 64)
+    out = capsys.readouterr().out
+    assert "six" in out and "stage2_2_fsq" in out and "M trainable" in out
+    assert not (tmp_path / "work" / "cells").exists()  # nothing trained

@@ -1,4 +1,5 @@
-"""The one-rank reference of the multi-rank tests, trained once per session and shared by their modules."""
+"""The one-rank reference of the multi-rank tests and a two-rank ZeRO-3 run, each trained once per session and shared
+by the test modules."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from mllm_helpers import RECIPES, debug_overrides
-from multirank import SCHEDULE
+from multirank import SCHEDULE, ZERO3, ok, two_ranks
 
 from mllm.cli import main
 
@@ -17,4 +18,13 @@ def one_rank(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_rank") / "run"
     assert main(["train", str(RECIPES / "debug" / "sft_full.yaml"),
                  *debug_overrides(demo_data, out, *SCHEDULE, "train.per_device_batch_size=2")]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero3_two_ranks(demo_data, tmp_path_factory) -> Path:
+    """sft_full on two ranks under ZeRO-3 (torchrun, gloo), checkpoints at steps 2 and 4; read it, never write."""
+    out = tmp_path_factory.mktemp("zero3_two_ranks") / "run"
+    ok(two_ranks(RECIPES / "debug" / "sft_full.yaml", debug_overrides(demo_data, out, *SCHEDULE,
+                                                                         f"train.deepspeed={ZERO3}")))
     return out

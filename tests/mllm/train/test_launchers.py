@@ -49,16 +49,23 @@ def test_two_nodes_on_localhost_match_one_rank(one_rank, demo_data, tmp_path):
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
                "-m", "mllm.cli", "train", str(RECIPE),
                *debug_overrides(demo_data, out, *SCHEDULE, f"train.deepspeed={ZERO3}")]
-        return subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        # into a file, not a pipe: a pipe nobody reads while waiting on the other node could fill and stall it
+        with (tmp_path / f"node{rank}.log").open("w") as log:
+            return subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=log, stderr=subprocess.STDOUT)
 
     nodes = [node(0), node(1)]
     try:
-        logs = [proc.communicate(timeout=TIMEOUT)[0] for proc in nodes]
+        for proc in nodes:
+            proc.wait(timeout=TIMEOUT)
     finally:
-        for proc in nodes:  # a node left waiting for its peer
-            proc.kill()
-    for proc, text in zip(nodes, logs, strict=True):
-        assert proc.returncode == 0, text[-4000:]
+        for proc in nodes:  # a node left waiting for its peer: torchrun passes SIGTERM on to its worker
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    for rank, proc in enumerate(nodes):
+        assert proc.returncode == 0, (tmp_path / f"node{rank}.log").read_text()[-4000:]
     assert_losses_match(step_losses(out), step_losses(one_rank))
     assert_same_weights(out, one_rank)

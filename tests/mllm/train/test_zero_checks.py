@@ -100,8 +100,12 @@ def test_resuming_zero3_on_another_world_size_says_how_to_convert(tmp_path):
     assert "written by 2 ranks, but this launch has 4" in text
     assert f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt / 'global_step2'}" in text
     assert '"load_universal": true' in text
-    # a universal load is DeepSpeed's to do at any world size
-    check_resume_world_size(ckpt, 4, {**shipped(), "checkpoint": {"load_universal": True}})
+    # a universal checkpoint loads at any world size (tests/mllm/train/test_zero_resize.py), once converted
+    universal = {**shipped(), "checkpoint": {"load_universal": True}}
+    with pytest.raises(ConfigError, match=r"has none \(no latest_universal\): convert it"):
+        check_resume_world_size(ckpt, 4, universal)
+    (ckpt / "latest_universal").write_text("global_step2_universal")
+    check_resume_world_size(ckpt, 4, universal)
 
 
 def test_zero2_checkpoints_are_not_held_to_a_world_size(tmp_path):

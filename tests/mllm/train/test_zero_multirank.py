@@ -61,10 +61,9 @@ def test_zero2_two_ranks_match_one_rank(one_rank, demo_data, tmp_path):
     assert_losses_match(step_losses(two), step_losses(one_rank))
 
 
-def test_zero3_trains_saves_resumes_and_exports_as_one_rank(one_rank, demo_data, tmp_path):
+def test_zero3_trains_saves_resumes_and_exports_as_one_rank(one_rank, zero3_two_ranks, demo_data, tmp_path):
     recipe = RECIPES / "debug" / "sft_full.yaml"
-    zero3 = tmp_path / "zero3"
-    ok(two_ranks(recipe, debug_overrides(demo_data, zero3, *SCHEDULE, f"train.deepspeed={ZERO3}")))
+    zero3 = zero3_two_ranks
     losses = step_losses(zero3)
     # same initial weights and same steps as one rank (before: step-2 crash in DeepSpeed's fetch trace, and
     # another initialisation under zero.Init)

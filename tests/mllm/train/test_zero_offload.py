@@ -54,3 +54,4 @@ def test_offload_recipe_offloads_optimizer_and_parameters():
     zero = json.loads(Path(ZERO3_OFFLOAD).read_text())["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # checkpoints hold whole weights
