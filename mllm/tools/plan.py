@@ -14,7 +14,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="viq plan", description="Estimate the per-GPU memory of a recipe (weights, gradients, optimizer state, "
         "activations at its sequence length, with and without gradient checkpointing) under each ZeRO stage and "
-        "offload, from the parameter counts of its model built on the meta device (nothing is downloaded).")
+        "offload, from the parameter counts of its model built on the meta device (shapes only, no weights read).")
     p.add_argument("recipe", help="recipe YAML, or a packaged recipe by name (qwen2.5/sft_lora)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for viq train")
     p.add_argument("--world-size", type=int, default=8, help="number of GPUs over all nodes (default 8)")

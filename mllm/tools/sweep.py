@@ -4,7 +4,9 @@ and a report (mean +- std over seeds per variant, best per column, the paper's n
 Every (variant, seed) cell runs the chain in its own folder ``work_dir/cells/<variant>/seed<seed>/``: stage k
 writes ``<stage>/`` and, once it has finished, the marker ``<stage>.done.json`` (its wall time); the cell's
 metrics go to ``cell.json`` when everything is done. Markers are written atomically, so a finished stage or
-cell is never rerun, and a stage that was killed halfway (a folder without its marker) is deleted and rerun.
+cell is never rerun; a stage that was killed halfway (a folder without its marker) runs again from the start
+with ``train.overwrite_output_dir=true``, which the trainer applies (the killed run's files removed on the
+main process, its stale lock taken over) before any rank writes.
 
     viq sweep SWEEP.yaml [key=value ...]        run the missing cells one after another here, then collect
     viq sweep SWEEP.yaml --dry-run              build every stage of every variant on the meta device
@@ -23,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -82,10 +83,8 @@ def run_cell_stage(plan: Plan, cell: Cell, stage: Stage, data: dict | None) -> f
     marker = folder / f"{stage.name}{DONE_SUFFIX}"
     if marker.is_file():
         return json.loads(marker.read_text())["seconds"]
-    out = folder / stage.name
-    if out.exists() and _is_rank_zero():
+    if (folder / stage.name).exists():
         log.info("cell %s: %s was interrupted; starting it again", cell.key, stage.name)
-        shutil.rmtree(out)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = plan.recipe(stage, cell, _training_data(plan.sweep, data))
     log.info("cell %s: stage %s", cell.key, stage.name)

@@ -160,10 +160,11 @@ class Plan:
         return [s for s in self.stages if s.kind != MLLM_STAGE][-1]
 
     def system_overrides(self, stage: Stage, cell: Cell, data: dict | None) -> list[str]:
-        """What the runner sets for every stage of a cell: its output folder, the previous stage's output,
-        the seed and the generated demo data."""
+        """What the runner sets for every stage of a cell: its output folder (cleared of a killed run's files),
+        the previous stage's output, the seed and the generated demo data."""
         folder = cell.folder(self.sweep.work)
-        out = [f"train.output_dir={folder / stage.name}", f"train.seed={cell.seed}"]
+        out = [f"train.output_dir={folder / stage.name}", f"train.seed={cell.seed}",
+               "train.overwrite_output_dir=true"]  # a folder there is a killed run's: start it again
         index = self.stages.index(stage)
         if stage.kind == MLLM_STAGE:
             out.append(f"model.tokenizer={folder / self.tokenizer_stage.name / 'viq_tokenizer'}")

@@ -223,7 +223,7 @@ def test_generate_through_transformers_gives_the_old_loops_answers(smollm2_dir, 
     assert answers(requests) == OLD_LOOP_TOKENS
 
 
-def test_the_smollm2_demo_runs_every_llm_stage_on_the_prepared_model(smollm2_dir):
+def test_the_smollm2_demo_runs_every_llm_stage_on_the_prepared_model(smollm2_dir, tmp_path):
     cfg = load_config(DemoConfig, resolve_recipe("demo/smollm2"), [f"llm_dir={smollm2_dir}"])
     llm = pretrained_llm_overrides(cfg)  # already prepared there: found, not converted again
     assert llm == [f"model.llm={smollm2_dir}", "model.llm_init=pretrained"]
@@ -235,4 +235,4 @@ def test_the_smollm2_demo_runs_every_llm_stage_on_the_prepared_model(smollm2_dir
         assert (recipe.model.llm, recipe.model.llm_init, recipe.trainable.llm) == \
             (str(smollm2_dir), "pretrained", "lora")
     with pytest.raises(ValueError, match=r"unknown LLM 'smollm3' for prepare-llm; choose one of"):
-        pretrained_llm_overrides(dataclasses.replace(cfg, pretrained_llm="smollm3"))
+        pretrained_llm_overrides(dataclasses.replace(cfg, pretrained_llm="smollm3", llm_dir=str(tmp_path / "llm")))

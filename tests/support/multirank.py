@@ -48,11 +48,18 @@ def assert_losses_match(got: dict[int, float], reference: dict[int, float]) -> N
         assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got, reference)
 
 
+# the last bias of the softmax pool's scores adds the same value to the four scores of a window, which the softmax
+# cancels: its gradient is zero but for rounding, which Adam scales up to steps of the learning rate's size, so
+# where it ends depends on the order of floating-point sums (measured: 2e-5 apart after four steps, two ranks
+# against one, with pixel input)
+GRADIENT_FREE = ("projector.pool.score.2.bias",)
+
+
 def assert_same_weights(a: Path, b: Path, names=WEIGHTS, atol: float = 1e-5) -> None:
-    """Same tensors, whole (not one rank's partition), equal within ``atol``."""
+    """Same tensors, whole (not one rank's partition), equal within ``atol`` (but for GRADIENT_FREE)."""
     for name in names:
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys(), (name, sorted(set(wa) ^ set(wb))[:8])
-        for key in wa:
+        for key in set(wa) - set(GRADIENT_FREE):
             assert wa[key].shape == wb[key].shape, (name, key, wa[key].shape, wb[key].shape)
             torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=f"{name}: {key}")

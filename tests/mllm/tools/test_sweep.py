@@ -46,7 +46,7 @@ def test_sweep_runs_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
         started.append(out.parent.relative_to(tmp_path / "work" / "cells").as_posix())
         if started[-1] == "big/seed0":
             out.mkdir(parents=True)
-            (out / "half-written").write_text("x")
+            (out / "log.jsonl").write_text('{"step": 1, "killed": true}\n')
             raise Killed
         return real_run_stage(cfg)
 
@@ -64,7 +64,7 @@ def test_sweep_runs_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
     results = run_sweep(sweep, generate_demo)
     assert [Path(p).parent.name for p in started] == ["seed0", "seed1"]
     assert all("/big/" in p for p in started)
-    assert not (cells / "big/seed0/stage2_2_fsq/half-written").exists()
+    assert "killed" not in (cells / "big/seed0/stage2_2_fsq/log.jsonl").read_text()  # the new run's log only
     assert not results["missing"]
 
     # aggregation: mean and sample std over the seeds, from the cells' own files
@@ -83,8 +83,11 @@ def test_sweep_runs_resumes_a_killed_cell_and_reports(tmp_path, monkeypatch):
     assert usage["small"] > usage["big"]
 
     report = (tmp_path / "report" / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| small") or line.startswith("| big")]
+    rows = [line for line in report.splitlines() if line.startswith(("| small |", "| big |"))]
+    table, times = rows[:2], rows[2:]  # the metrics, then the wall time per stage
     assert len(table) == 2 and all(line.count(" ± ") >= 10 for line in table)
+    seconds = results["aggregate"]["big"]["seconds_stage2_2_fsq"]
+    assert times[1] == f"| big | {seconds['mean']:.1f} ± {seconds['std']:.1f} |"
     small = results["aggregate"]["small"]["perplexity"]
     assert f"{small['mean']:.3f} ± {small['std']:.3f}" in table[0]
     assert "| variant | paper | probe_mean |" in report and "The paper (its ablation score): big 2 > small 1." in report

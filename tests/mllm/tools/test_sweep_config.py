@@ -116,9 +116,10 @@ def test_dry_run_builds_every_stage_of_every_variant(tmp_path, capsys):
     counts = json.loads((tmp_path / "work" / "dry_run.json").read_text())
     assert set(counts) == {"two", "six"} and set(counts["two"]) == {"stage2_1_proximal", "stage2_2_fsq"}
     assert counts["two"]["stage2_1_proximal"] == counts["six"]["stage2_1_proximal"]
-    # the FSQ projections in and out of the code space grow by 4 dimensions of the 64-wide debug head
+    # four more code dimensions: each adds a 64-wide row to the projection into the code space, a 64-wide
+    # column to the one out of it, and one bias
     two, six = counts["two"]["stage2_2_fsq"]["head"], counts["six"]["stage2_2_fsq"]["head"]
-    assert six - two == 4 * (64 + 64)
+    assert six - two == 4 * (64 + 64 + 1)
     out = capsys.readouterr().out
     assert "six" in out and "stage2_2_fsq" in out and "M trainable" in out
     assert not (tmp_path / "work" / "cells").exists()  # nothing trained
