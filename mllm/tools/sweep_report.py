@@ -111,16 +111,21 @@ def time_table(plan: Plan, agg: dict) -> list[str]:
     return ["", "## Wall time per stage (s)", "", *_table(["variant", *(s.name for s in plan.stages)], rows)]
 
 
-def chance_line(cells: list[dict]) -> list[str]:
+def chance_levels(cells: list[dict]) -> dict[str, float]:
     """The probe's chance level per question type (the most frequent training answer), over the cells."""
     chance: dict[str, list[float]] = {}
     for cell in cells:
         for qtype, result in (cell.get("probe") or {}).items():
             chance.setdefault(qtype, []).append(result["chance"])
+    return {t: statistics.fmean(v) for t, v in sorted(chance.items())}
+
+
+def chance_line(cells: list[dict]) -> list[str]:
+    chance = chance_levels(cells)
     if not chance:
         return []
     return ["", "Probe chance level (always the most frequent training answer, on the test images): "
-            + ", ".join(f"{t} {statistics.fmean(v):.3f}" for t, v in sorted(chance.items())) + "."]
+            + ", ".join(f"{t} {v:.3f}" for t, v in chance.items()) + "."]
 
 
 def paper_summary(plan: Plan, agg: dict[str, dict[str, dict]], verdicts: dict) -> list[str]:
@@ -187,7 +192,7 @@ def render(plan: Plan, cells: list[dict], agg: dict, verdicts: dict, missing: li
     return "\n".join(lines)
 
 
-def plot(agg: dict, cols: list[str], variants: list[str], path: Path) -> None:
+def plot(agg: dict, cols: list[str], variants: list[str], chance: dict[str, float], path: Path) -> None:
     shown = cols
     ncols = min(4, max(1, len(shown)))
     nrows = max(1, math.ceil(len(shown) / ncols))
@@ -203,6 +208,10 @@ def plot(agg: dict, cols: list[str], variants: list[str], path: Path) -> None:
         ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
         arrow = {1: " (↑)", -1: " (↓)"}.get(direction(metric), "")
         ax.set_title(metric + arrow, fontsize=9)
+        level = chance.get(metric.removeprefix("probe_"))
+        if level is not None:
+            ax.axhline(level, color="#555555", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle("mean ± std over seeds", fontsize=9)
     fig.savefig(path, dpi=120)
@@ -231,5 +240,5 @@ def collect(plan: Plan, cell_file: str) -> dict:
                "paper": {v.name: v.paper for v in plan.variants if v.paper is not None}}
     (report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (report / "report.md").write_text(render(plan, cells, agg, verdicts, missing))
-    plot(agg, cols, names, report / "sweep.png")
+    plot(agg, cols, names, chance_levels(cells), report / "sweep.png")
     return results
