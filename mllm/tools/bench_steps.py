@@ -334,6 +334,6 @@ def visual_forward_flops(tcfg, grids: list[tuple[int, int]], path: str | None, f
         if path == "tower+head":
             r, m = head.rope_dim, 4 * n  # head-wise RoPE blocks: e sub-tokens per patch, the heads
             rope = 2.0 * m * (2 * w * r + 4 * r * r + 2 * w * head.rope_mlp_hidden) + 4.0 * n * n * r * e
-            total += _vit_flops(n, w, head.mlp_hidden, head.pre_blocks) + head.rope_blocks * rope
+            total += _vit_flops(n, w, head.mlp_hidden, head.pre_blocks) + head.headwise_blocks * rope
             total += 2.0 * n * (w * e * w + (e * w) ** 2 + e * 2 * w * w) + embedder
     return total
