@@ -55,7 +55,12 @@ def save_checkpoint(model: nn.Module, tokenizer, cfg: RecipeConfig, out_dir: str
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     visual = {k: v for k, v in state.items() if not k.startswith("llm.") and k in trainable}
     save_file(_cpu(visual), str(out / VISUAL_WEIGHTS), metadata={"format": "pt"})
+    # a tied weight (lm_head = embed_tokens) is written once, under its first name, as save_pretrained does for a
+    # live model; the state gathered by DeepSpeed holds a separate copy per name, which save_pretrained keeps
+    aliases = ({n for n, _ in model.llm.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in model.llm.named_parameters()})
     llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
+    llm_state = {k: v for k, v in llm_state.items() if k not in aliases}
     if is_peft(model.llm):
         model.llm.save_pretrained(str(out / LLM_DIR), state_dict=llm_state)
     elif any(n.startswith("llm.") for n in trainable):

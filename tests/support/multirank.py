@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 STEPS = 4
 SCHEDULE = (f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1")
-ZERO2, ZERO3 = RECIPES / "deepspeed" / "zero2.json", RECIPES / "deepspeed" / "zero3.json"
+ZERO1, ZERO2, ZERO3 = (RECIPES / "deepspeed" / f"zero{stage}.json" for stage in (1, 2, 3))
 ZERO3_OFFLOAD = RECIPES / "deepspeed" / "zero3_offload.json"
 WEIGHTS = ("visual.safetensors", "llm/model.safetensors")  # sft_full: the whole LLM is saved
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

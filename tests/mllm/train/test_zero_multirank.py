@@ -1,5 +1,5 @@
-"""Two CPU ranks under DeepSpeed ZeRO-2 and ZeRO-3 (torchrun, gloo) train the debug recipes with the same
-losses as one rank at the same global batch; ZeRO-3 also saves gathered weights, resumes and exports.
+"""Two CPU ranks under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (torchrun, gloo) train the debug recipes with the same
+losses as one rank at the same global batch, save one rank's weights, resume and export.
 
 Why the losses agree to ~1e-6: both runs see the same packs in the same order (rank r of step s gets
 the pack that one rank puts at position r of its two-pack row), the loss is the token-weighted mean
@@ -33,6 +33,7 @@ from multirank import (
     LAUNCHER_VARS,
     SCHEDULE,
     STEPS,
+    ZERO1,
     ZERO2,
     ZERO3,
     assert_losses_match,
@@ -50,48 +51,51 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
 
 
-def test_zero2_two_ranks_match_one_rank(one_rank, demo_data, tmp_path):
-    two = tmp_path / "two_ranks"
-    ok(two_ranks(RECIPES / "debug" / "sft_full.yaml",
-                 debug_overrides(demo_data, two, *SCHEDULE, f"train.deepspeed={ZERO2}")))
-    # ZeRO partitioned the optimizer state over both ranks
-    assert sorted(p.name for p in (two / f"checkpoint-{STEPS}" / f"global_step{STEPS}").glob(
-        "zero_pp_rank_*_optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert_losses_match(step_losses(two), step_losses(one_rank))
-
-
-def test_zero3_trains_saves_resumes_and_exports_as_one_rank(one_rank, zero3_two_ranks, demo_data, tmp_path):
-    recipe = RECIPES / "debug" / "sft_full.yaml"
-    zero3 = zero3_two_ranks
-    losses = step_losses(zero3)
-    # same initial weights and same steps as one rank (before: step-2 crash in DeepSpeed's fetch trace, and
-    # another initialisation under zero.Init)
+def assert_saves_resumes_and_exports_as_one_rank(run: Path, config: Path, one_rank: Path, demo_data,
+                                                 tmp_path: Path) -> None:
+    """A two-rank run under ``config``: one rank's losses and weights (each checkpoint and the final save hold
+    whole weights), a resume from checkpoint-2 in fresh processes with the uninterrupted losses bit for bit, and
+    `viq export` of its last checkpoint loading in plain transformers with one rank's logits."""
+    losses = step_losses(run)
     assert_losses_match(losses, step_losses(one_rank))
-    # each checkpoint holds the gathered weights, as one rank's
     for step in (2, STEPS):
-        assert_same_weights(zero3 / f"checkpoint-{step}", one_rank / f"checkpoint-{step}")
-    assert_same_weights(zero3, one_rank)  # the final save too
+        assert_same_weights(run / f"checkpoint-{step}", one_rank / f"checkpoint-{step}")
+    assert_same_weights(run, one_rank)
 
-    # resumed from checkpoint-2 in fresh processes: the uninterrupted run's losses, bit for bit
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(zero3 / "checkpoint-2", resumed / "checkpoint-2")
-    ok(two_ranks(recipe, debug_overrides(demo_data, resumed, *SCHEDULE, f"train.deepspeed={ZERO3}",
-                                         "train.resume=true")))
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    ok(two_ranks(RECIPES / "debug" / "sft_full.yaml", debug_overrides(
+        demo_data, resumed, *SCHEDULE, f"train.deepspeed={config}", "train.resume=true")))
     again = step_losses(resumed)
     assert sorted(again) == [3, 4]
     assert all(again[s] == losses[s] for s in again), (again, losses)
 
-    # `viq export` of a ZeRO-3 checkpoint: a plain transformers model with one rank's logits
     out = tmp_path / "export"
-    assert main(["export", str(zero3 / f"checkpoint-{STEPS}"), "--out", str(out)]) == 0
+    assert main(["export", str(run / f"checkpoint-{STEPS}"), "--out", str(out)]) == 0
     plain = AutoModelForCausalLM.from_pretrained(out / LLM_DIR).eval()
     reference = AutoModelForCausalLM.from_pretrained(one_rank / f"checkpoint-{STEPS}" / LLM_DIR).eval()
     ids = torch.arange(5, 60)[None]
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)
     assert load_exported(out).model is not None
+
+
+@pytest.mark.parametrize("config", [ZERO1, ZERO2], ids=["zero1", "zero2"])
+def test_zero1_and_zero2_train_save_resume_and_export_as_one_rank(config, one_rank, demo_data, tmp_path):
+    run = tmp_path / "two_ranks"
+    ok(two_ranks(RECIPES / "debug" / "sft_full.yaml",
+                 debug_overrides(demo_data, run, *SCHEDULE, f"train.deepspeed={config}")))
+    # ZeRO partitioned the optimizer state over both ranks
+    assert sorted(p.name for p in (run / f"checkpoint-{STEPS}" / f"global_step{STEPS}").glob(
+        "zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert_saves_resumes_and_exports_as_one_rank(run, config, one_rank, demo_data, tmp_path)
+
+
+def test_zero3_trains_saves_resumes_and_exports_as_one_rank(one_rank, zero3_two_ranks, demo_data, tmp_path):
+    # before: a step-2 hang in DeepSpeed's fetch trace, and another initialisation under zero.Init
+    assert_saves_resumes_and_exports_as_one_rank(zero3_two_ranks, ZERO3, one_rank, demo_data, tmp_path)
 
 
 PROBE = '''
