@@ -11,6 +11,11 @@ import pytest
 import torch
 from mllm_helpers import RECIPES, REPO
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mllm.cli import main
+from mllm.model.layout import LLM_DIR
+from mllm.train.checkpoint import load_exported
 
 STEPS = 4
 SCHEDULE = (f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1")
@@ -63,3 +68,14 @@ def assert_same_weights(a: Path, b: Path, names=WEIGHTS, atol: float = 1e-5) -> 
         for key in set(wa) - set(GRADIENT_FREE):
             assert wa[key].shape == wb[key].shape, (name, key, wa[key].shape, wb[key].shape)
             torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=f"{name}: {key}")
+
+
+def assert_exports_as_one_rank(checkpoint: Path, one_rank_checkpoint: Path, out: Path) -> None:
+    """`viq export` of a multi-rank checkpoint: a plain transformers LLM with one rank's logits (1e-4)."""
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out / LLM_DIR).eval()
+    reference = AutoModelForCausalLM.from_pretrained(one_rank_checkpoint / LLM_DIR).eval()
+    ids = torch.arange(5, 60)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert load_exported(out).model is not None

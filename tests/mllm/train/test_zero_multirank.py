@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mllm_helpers import RECIPES, REPO, debug_overrides, step_losses
 from multirank import (
     LAUNCHER_VARS,
@@ -36,16 +35,15 @@ from multirank import (
     ZERO1,
     ZERO2,
     ZERO3,
+    assert_exports_as_one_rank,
     assert_losses_match,
     assert_same_weights,
     ok,
     two_ranks,
 )
-from transformers import AutoModelForCausalLM
 
 from mllm.cli import main
-from mllm.model.layout import LLM_DIR, VIQ_DIR
-from mllm.train.checkpoint import load_exported
+from mllm.model.layout import VIQ_DIR
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
@@ -71,14 +69,7 @@ def assert_saves_resumes_and_exports_as_one_rank(run: Path, config: Path, one_ra
     assert sorted(again) == [3, 4]
     assert all(again[s] == losses[s] for s in again), (again, losses)
 
-    out = tmp_path / "export"
-    assert main(["export", str(run / f"checkpoint-{STEPS}"), "--out", str(out)]) == 0
-    plain = AutoModelForCausalLM.from_pretrained(out / LLM_DIR).eval()
-    reference = AutoModelForCausalLM.from_pretrained(one_rank / f"checkpoint-{STEPS}" / LLM_DIR).eval()
-    ids = torch.arange(5, 60)[None]
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)
-    assert load_exported(out).model is not None
+    assert_exports_as_one_rank(run / f"checkpoint-{STEPS}", one_rank / f"checkpoint-{STEPS}", tmp_path / "export")
 
 
 @pytest.mark.parametrize("config", [ZERO1, ZERO2], ids=["zero1", "zero2"])

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 from mllm_helpers import RECIPES, debug_overrides, step_losses
-from multirank import SCHEDULE, STEPS, ZERO3, ZERO3_OFFLOAD, assert_losses_match, assert_same_weights, ok, two_ranks
+from multirank import (
+    SCHEDULE,
+    STEPS,
+    ZERO3,
+    ZERO3_OFFLOAD,
+    assert_exports_as_one_rank,
+    assert_losses_match,
+    assert_same_weights,
+    ok,
+    two_ranks,
+)
 
 from mllm.cli import main
 from mllm.model.layout import ADAPTER_WEIGHTS, LLM_DIR
@@ -24,7 +34,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
 
 
-def test_zero3_offload_trains_saves_and_resumes_as_one_rank(one_rank, demo_data, tmp_path):
+def test_zero3_offload_trains_saves_resumes_and_exports_as_one_rank(one_rank, demo_data, tmp_path):
     recipe, out = RECIPES / "debug" / "sft_full.yaml", tmp_path / "offload"
     ok(two_ranks(recipe, debug_overrides(demo_data, out, *SCHEDULE, f"train.deepspeed={ZERO3_OFFLOAD}"), timeout=600))
     assert_losses_match(step_losses(out), step_losses(one_rank))
@@ -45,6 +55,7 @@ def test_zero3_offload_trains_saves_and_resumes_as_one_rank(one_rank, demo_data,
     assert sorted(again) == [3, 4]
     for step in again:
         assert again[step] == pytest.approx(losses[step], rel=1e-5), (step, again, losses)
+    assert_exports_as_one_rank(out / f"checkpoint-{STEPS}", one_rank / f"checkpoint-{STEPS}", tmp_path / "export")
 
 
 def test_zero3_gradient_checkpointing_lora_on_a_frozen_base_with_pixels_as_one_rank(demo_data, tmp_path):
