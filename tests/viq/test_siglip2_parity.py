@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from random_weights import randomise
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel
 
 from viq.convert import load_siglip2
@@ -15,18 +16,6 @@ def _tiny_vision_config(**kw):
                 num_patches=16, patch_size=PATCH)
     base.update(kw)
     return Siglip2VisionConfig(**base)
-
-
-def _randomise(model):
-    # HF initialises biases to zero and norms to one; random values make every tensor count
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def _hf_inputs(images):
@@ -69,7 +58,7 @@ def _compare(hf_model, ours, images):
 
 
 def test_vision_model_parity(tmp_path, images):
-    hf = _randomise(Siglip2VisionModel(_tiny_vision_config())).eval()
+    hf = randomise(Siglip2VisionModel(_tiny_vision_config())).eval()
     hf.save_pretrained(tmp_path)
     ours = load_siglip2(tmp_path).eval()
     assert ours.cfg.gelu == "tanh" and ours.cfg.pos_antialias and ours.cfg.pos_grid == 4
@@ -80,14 +69,14 @@ def test_full_siglip2_model_loads_vision_tower(tmp_path, images):
     cfg = Siglip2Config(vision_config=_tiny_vision_config().to_dict(),
                         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, vocab_size=100))
-    full = _randomise(Siglip2Model(cfg)).eval()
+    full = randomise(Siglip2Model(cfg)).eval()
     full.save_pretrained(tmp_path)
     _compare(full.vision_model, load_siglip2(tmp_path).eval(), images)
 
 
 def test_parity_fails_when_a_tensor_is_wrong(tmp_path, images):
     """The comparison is sensitive: a transposed position table (h and w swapped) breaks it."""
-    hf = _randomise(Siglip2VisionModel(_tiny_vision_config())).eval()
+    hf = randomise(Siglip2VisionModel(_tiny_vision_config())).eval()
     hf.save_pretrained(tmp_path)
     ours = load_siglip2(tmp_path).eval()
     with torch.no_grad():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from random_weights import randomise
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from transformers import (
@@ -26,18 +27,6 @@ def tiny_vision_config(patch: int, **kw) -> SiglipVisionConfig:
                 image_size=4 * patch, patch_size=patch)
     base.update(kw)
     return SiglipVisionConfig(**base)
-
-
-def randomise(model):
-    # HF initialises biases to zero and norms to one; random values make every tensor count
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def compare(hf_model, ours, size: int) -> float:
