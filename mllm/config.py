@@ -88,7 +88,7 @@ class DataConfig:
     packing: bool = True  # padding-free packing (one packed row per device batch)
     # how every image becomes pixels (viq.image.preprocess), for training, extraction, evaluation and inference;
     # null: the codes' own settings when data.codes is set, else PreprocessConfig's defaults. Training makes it
-    # concrete before it saves the recipe (mllm.train.trainer.resolve_image_settings), so the saved model
+    # concrete before it saves the recipe (mllm.train.data_setup.resolve_image_settings), so the saved model
     # records what it was trained on; a stated value must equal the codes' settings
     image: PreprocessConfig | None = None
     strict: bool = False  # raise on a bad sample or record instead of skipping it (counted, logged)
@@ -163,6 +163,22 @@ class TrainConfig:
 
 
 StageKind = Literal["stage1", "proximal", "fsq", "decoder"]
+
+
+@dataclass(frozen=True)
+class AreaPhase:
+    """One phase of a resolution schedule (stage.area_schedule): the images of the optimizer steps before
+    ``until`` (a fraction of the run's steps, so of its tokens when packing) get areas in ``area_range``."""
+
+    until: float
+    area_range: tuple[int, int]  # pixels per image, [min, max], drawn log-uniformly as stage.area_range
+
+    def __post_init__(self):
+        if not 0 < self.until <= 1:
+            raise ConfigError(f"stage.area_schedule: until must be in (0, 1], got {self.until}")
+        if not 0 < self.area_range[0] <= self.area_range[1]:
+            raise ConfigError(f"stage.area_schedule: area_range must be [min, max] with 0 < min <= max, got "
+                              f"{list(self.area_range)}")
 MLLM_STAGES = ("stage1", "proximal", "fsq")  # stages trained through the LLM (the decoder stage is not)
 
 
@@ -195,6 +211,9 @@ class StageConfig:
     # proximal: give the 2-1 head the head-wise blocks too (2-2 then loads them); the reference's has none
     proximal_rope_blocks: bool = False
     area_range: tuple[int, int] | None = None  # sample each image's pixel area in [min, max] (log-uniform)
+    # or a curriculum over the run (LLM stages): phases in order, each ending at a fraction of the optimizer
+    # steps, e.g. 384^2 then 768^2 as the reference's stage 1 (mllm.data.phases)
+    area_schedule: tuple[AreaPhase, ...] | None = None
     # what the head's reconstruction branch regresses (viq-paper.md §1.2, ablation (f)): vae_latent, the posterior
     # mean of the frozen Qwen-Image VAE encoder at stage.vae (MSE; its decoder shows the reconstructions);
     # pixels (MSE + the optional perceptual term); none (no reconstruction branch)
@@ -225,6 +244,7 @@ class StageConfig:
                               f"{self.metrics_window} and {self.stability_every}")
         if self.area_range is not None and not 0 < self.area_range[0] <= self.area_range[1]:
             raise ConfigError(f"stage.area_range must be [min, max] with 0 < min <= max, got {list(self.area_range)}")
+        self._check_area_schedule()
         if self.kind == "stage1" and (self.recon_weight or self.feat_rec_weight):
             raise ConfigError("stage.kind=stage1 has no head, so no reconstruction: set stage.recon_weight=0 "
                               f"and stage.feat_rec_weight=0 (got {self.recon_weight}, {self.feat_rec_weight})")
@@ -252,6 +272,21 @@ class StageConfig:
         if self.quantizer is not None and (wanted is None or self.quantizer not in wanted):
             raise ConfigError(f"stage.quantizer={self.quantizer!r} does not fit stage.kind={self.kind!r} "
                               f"(allowed: {list(wanted or ())})")
+
+    def _check_area_schedule(self) -> None:
+        phases = self.area_schedule
+        if phases is None:
+            return
+        if self.area_range is not None:
+            raise ConfigError(f"stage.area_range={list(self.area_range)} and stage.area_schedule both set the "
+                              "image areas: keep one")
+        if self.kind not in MLLM_STAGES:
+            raise ConfigError(f"stage.area_schedule applies to the LLM stages {list(MLLM_STAGES)}, not "
+                              f"{self.kind} (it draws a new area per step: use stage.area_range)")
+        ends = [p.until for p in phases]
+        if not ends or ends[-1] != 1.0 or ends != sorted(set(ends)):
+            raise ConfigError(f"stage.area_schedule: the phases' until must increase and the last be 1.0 (the "
+                              f"end of the run), got {ends}")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         image_token: str = IMAGE_TOKEN,
         max_skip_fraction: float | None = None,
         skipped: Counter | None = None,
+        image_sizes: dict[Path, tuple[int, int]] | None = None,
     ):
         if image.mode not in MODES:
             raise ValueError(f"unknown image mode {image.mode!r}; expected one of {MODES}")
@@ -121,6 +122,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.seen = 0  # samples read, kept or skipped (the reader's skips included when it shares the Counter)
         self._check_s = 0.0
         self._bad: set[int] = set()
+        # (width, height) of each image already checked: data sets prepared from the same files (the phases
+        # of mllm.data.phases) share it, so each file is read once
+        self._sizes = {} if image_sizes is None else image_sizes
         self.records = self._prepare_all(samples)
         self.lengths = [r.length for r in self.records]
 
@@ -162,13 +166,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _grid(self, ref: ImageRef) -> tuple[int, int]:
         if not ref.path.is_file():
             raise SampleError("missing image", f"image file {str(ref.path)!r} does not exist")
-        t0 = time.perf_counter()
-        try:
-            width, height = verify_image(ref.path)
-        except ValueError as err:
-            raise SampleError("corrupt image", str(err)) from err
-        finally:
-            self._check_s += time.perf_counter() - t0
+        if ref.path not in self._sizes:
+            t0 = time.perf_counter()
+            try:
+                self._sizes[ref.path] = verify_image(ref.path)
+            except ValueError as err:
+                raise SampleError("corrupt image", str(err)) from err
+            finally:
+                self._check_s += time.perf_counter() - t0
+        width, height = self._sizes[ref.path]
         try:
             grid = predict_grid(width, height, **self._image_args(ref))
             num_image_tokens(*grid)
@@ -280,6 +286,8 @@ def skip_summary(dataset) -> dict | None:
     PackedDataset's too); None for None. Skips at load time happen later, in the loader's processes."""
     if dataset is None:
         return None
+    if hasattr(dataset, "parts"):  # a PhasedDataset: each phase prepared the samples at its own settings
+        return {"phases": [skip_summary(part) for part in dataset.parts]}
     ds = getattr(dataset, "dataset", dataset)  # PackedDataset keeps the samples' data set
     return {"kept": len(ds.records), "seen": ds.seen, "truncated": ds.truncated, "skipped": dict(ds.skipped)}
 

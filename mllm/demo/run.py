@@ -28,7 +28,8 @@ from mllm.tools.evaluate import evaluate_mllm, tokenizer_metrics
 from mllm.tools.extract import extract
 from mllm.tools.inference import load_mllm, load_vis_tokenizer
 from mllm.tools.prepare_llm import prepare_llm
-from mllm.train.trainer import resolve_image_settings, run_training
+from mllm.train.data_setup import resolve_image_settings
+from mllm.train.trainer import run_training
 from viq import ViQTokenizer
 from viq.configio import load_config, to_dict
 

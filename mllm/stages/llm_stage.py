@@ -37,7 +37,7 @@ from mllm.model.build import BuiltModel, add_lora, apply_trainable, enable_gradi
 from mllm.model.layout import VIQ_DIR
 from mllm.model.llm import IMAGE_TOKEN, load_llm
 from mllm.model.mllm import MLLM, VisualInput, VisualTrace
-from mllm.stages.areas import area_sampler
+from mllm.stages.areas import area_phases
 from mllm.stages.init import (
     dry_run_tokenizer,
     init_language_side,
@@ -274,7 +274,7 @@ def calibrate_fsq(tok: ViQTokenizer, dataset, n_images: int) -> None:
 def run_llm_stage(cfg: RecipeConfig) -> Path:
     """Train stage 1, 2-1 or 2-2 with the MLLM Trainer; returns its ``viq_tokenizer`` directory. Restarting a
     finished stage with train.resume=true trains and writes nothing (mllm.train.restart)."""
-    trainer = prepare_trainer(cfg, build=build_stage_model, sample_transform=area_sampler(cfg))
+    trainer = prepare_trainer(cfg, build=build_stage_model, phases=area_phases(cfg))
     try:
         return _train_stage(cfg, trainer)
     finally:

@@ -13,7 +13,7 @@ from mllm.data.descriptors import resolve_data
 from mllm.stages.decoder import run_decoder_stage
 from mllm.stages.init import dry_run_tokenizer
 from mllm.stages.llm_stage import build_stage_model, run_llm_stage
-from mllm.train.trainer import resolve_image_settings
+from mllm.train.data_setup import resolve_image_settings
 
 
 def run_stage(cfg: RecipeConfig) -> Path:

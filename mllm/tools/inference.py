@@ -84,7 +84,7 @@ def load_mllm(model_dir: str | Path, *, device: str | torch.device | None = None
     compute dtype (fp32 on CPU), since inference runs without the training autocast."""
     from mllm.model.build import build_mllm
     from mllm.train.checkpoint import load_exported
-    from mllm.train.trainer import resolve_image_settings
+    from mllm.train.data_setup import resolve_image_settings
 
     root = Path(model_dir)
     kind = model_dir_kind(root)

@@ -1,6 +1,6 @@
 """``viq data inspect RECIPE [key=value ...] [--n N]``: a recipe's training data as the trainer sees it.
 
-The data set is built by the trainer's own code (mllm.train.trainer.build_datasets: the same reader, chat
+The data set is built by the trainer's own code (mllm.train.data_setup.build_datasets: the same reader, chat
 template, image settings, truncation, codes store and packing), with the text tokenizer alone: no LLM
 weights, no training. For each of the first N kept samples it prints the rendered text with the supervised
 tokens inside «…» and every image span collapsed to ``<image×K>``, and each image's patch grid and LLM
@@ -26,10 +26,11 @@ from mllm.data.descriptors import resolve_data
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.model.llm import load_text_tokenizer
 from mllm.model.viq_loader import load_viq, viq_dir
-from mllm.stages.areas import area_sampler
+from mllm.data.phases import Phase
+from mllm.stages.areas import area_phases
 from mllm.stages.init import init_language_side
 from mllm.tools.inference import quiet_logging
-from mllm.train.trainer import build_datasets, resolve_image_settings
+from mllm.train.data_setup import build_datasets, resolve_image_settings
 from viq.config import PRESETS, preset
 from viq.tokenizer import read_config
 
@@ -101,8 +102,9 @@ def _image_source(cfg: RecipeConfig) -> str:
     return f"inherited from the codes in {cfg.data.codes}" if cfg.data.codes else "the defaults (none stated)"
 
 
-def inspect_recipe(cfg: RecipeConfig, n: int = 3) -> DataReport:
-    """The report of ``cfg``'s training data set: its first ``n`` kept samples, its packs and skip counts."""
+def inspect_recipe(cfg: RecipeConfig, n: int = 3, phase: int = 0) -> DataReport:
+    """The report of ``cfg``'s training data set: its first ``n`` kept samples, its packs and skip counts;
+    under stage.area_schedule, those of phase ``phase`` (each phase is prepared at its own image areas)."""
     if cfg.stage is not None and cfg.stage.kind == "decoder":
         raise ValueError("stage.kind=decoder trains the pixel decoder on images alone: it has no text samples")
     cfg = resolve_data(cfg, check_files=True)
@@ -116,7 +118,7 @@ def inspect_recipe(cfg: RecipeConfig, n: int = 3) -> DataReport:
     # the codes' tokenizer is checked as training checks it: codes of another tokenizer are refused here too
     identity = tokenizer_identity(load_viq(cfg.model.tokenizer, seed=cfg.train.seed, what="model.tokenizer")) \
         if cfg.data.codes else None
-    train, _, _ = build_datasets(cfg, tokenizer, patch, area_sampler(cfg), identity)
+    train, _, _ = build_datasets(cfg, tokenizer, patch, _one_phase(cfg, phase), identity)
     ds = getattr(train, "dataset", train)  # a PackedDataset keeps the samples' data set
     packs = [list(p) for p in train.packs] if hasattr(train, "packs") else None
     pack_of = {i: k for k, members in enumerate(packs or []) for i in members}
@@ -125,6 +127,16 @@ def inspect_recipe(cfg: RecipeConfig, n: int = 3) -> DataReport:
     skips = {"kept": kept, "seen": getattr(ds, "seen", kept + sum(ds.skipped.values())),
              "truncated": ds.truncated, "skipped": dict(ds.skipped), "max_skip_fraction": limit}
     return DataReport(cfg, source, patch, samples, packs, list(ds.lengths), skips)
+
+
+def _one_phase(cfg: RecipeConfig, k: int) -> list[Phase] | None:
+    phases = area_phases(cfg)
+    if phases is None and k == 0:
+        return None
+    if phases is None or not 0 <= k < len(phases):
+        raise ValueError(f"--phase {k}: the recipe's training data has {len(phases or [None])} phase(s) "
+                         "(stage.area_schedule)")
+    return [Phase(1.0, phases[k].transform)]
 
 
 def _sample_view(ds, i: int, pack: int | None, tokenizer) -> SampleView:
@@ -237,6 +249,8 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for viq train")
     parser.add_argument("--n", type=int, default=3, help="samples to render (default 3)")
     parser.add_argument("--packs", type=int, default=20, help="packs of the plan to list (default 20; 0: all)")
+    parser.add_argument("--phase", type=int, default=0,
+                        help="under stage.area_schedule, the phase to show (default 0, the first)")
     parser.add_argument("--verbose", action="store_true", help="show the library's log messages")
     return parser
 
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         inspect_parser().error(f"--n must be >= 0, got {args.n}")
     quiet_logging(args.verbose)
     try:
-        report = inspect_recipe(load_recipe(args.recipe, args.overrides), n=args.n)
+        report = inspect_recipe(load_recipe(args.recipe, args.overrides), n=args.n, phase=args.phase)
     except (ValueError, OSError) as err:
         print(f"viq data inspect: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

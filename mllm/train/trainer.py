@@ -19,16 +19,13 @@ Trainer passes ``num_items_in_batch`` down to the LLM's loss.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import functools
 import importlib.util
 import json
 import logging
 import resource
 import time
 import weakref
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,15 +33,14 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from mllm.config import RecipeConfig, resolve_dtype, resolve_recipe, save_recipe
-from mllm.data.codes import CodeStore, codes_dataset
-from mllm.data.dataset import SupervisedDataset, write_data_summary
+from mllm.data.dataset import write_data_summary
 from mllm.data.descriptors import resolve_data
-from mllm.data.packing import PackedDataset, collate_packed, collate_padded
-from mllm.data.readers import read_samples, require_data_file
+from mllm.data.phases import Phase, PhasedDataset, PhaseSampler
 from mllm.model.build import BuiltModel, build_mllm
 from mllm.model.layout import MLLM_CONFIG
 from mllm.train import ckpt_io
 from mllm.train.checkpoint import load_checkpoint_weights, save_checkpoint
+from mllm.train.data_setup import build_datasets, items_per_step, plan_phases, resolve_image_settings
 from mllm.train.optim import param_groups
 from mllm.train.restart import mark_run_complete, resume_target, train_or_restore
 from mllm.train.rundir import LOG_FILE, RunLock, claim_output_dir
@@ -58,7 +54,6 @@ from mllm.train.zero import (
     random_llm_outside_zero_init,
     repair_universal_load,
 )
-from viq.config import PreprocessConfig
 from viq.configio import to_dict
 
 log = logging.getLogger(__name__)
@@ -128,6 +123,12 @@ class MLLMTrainer(Trainer):
             self._group_hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                                  for g in self.optimizer.param_groups]
         return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        data = self.train_dataset if train_dataset is None else train_dataset
+        if not isinstance(data, PhasedDataset):
+            return super()._get_train_sampler(train_dataset)
+        return PhaseSampler(data, self.args.max_steps, items_per_step(self.args), self.args.seed)
 
     # inputs
     def _with_codes(self, inputs: dict) -> dict:
@@ -287,69 +288,6 @@ def training_arguments(cfg: RecipeConfig, dtype: torch.dtype, has_eval: bool) ->
     )
 
 
-def _dataset(cfg: RecipeConfig, path: str, tokenizer, patch_size: int, sample_transform=None,
-             store: CodeStore | None = None):
-    d = cfg.data
-    limits = {"strict": d.strict, "max_skip_fraction": d.max_skip_fraction}
-    if store is not None:  # codes extracted offline: the step decodes no image and runs no encoder
-        ds = codes_dataset(path, tokenizer, store, image_root=d.image_root, max_seq_len=d.max_seq_len, **limits)
-        return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
-    skipped = Counter()  # the reader's skips and the data set's, in one count
-    samples = read_samples(path, d.image_root, skipped=skipped, strict=d.strict)
-    if sample_transform is not None:  # e.g. the tokenizer stages' per-image area sampling
-        samples = sample_transform(samples)
-    ds = SupervisedDataset(samples, tokenizer, patch_size=patch_size, image=d.image, max_seq_len=d.max_seq_len,
-                           skipped=skipped, **limits)
-    return PackedDataset(ds, d.max_seq_len, seed=cfg.train.seed) if d.packing else ds
-
-
-def open_code_store(cfg: RecipeConfig, viq_identity: dict | None, patch_size: int) -> CodeStore:
-    """data.codes, checked against what the run will be: its tokenizer, its image settings, its patch size.
-    The saved recipe then describes the codes the model was trained on, which is what inference repeats."""
-    store = CodeStore(cfg.data.codes, expected_tokenizer=viq_identity)
-    if store.image != cfg.data.image:
-        raise ValueError(f"codes in {cfg.data.codes} were extracted with image settings {store.image}, but the "
-                         f"recipe has data.image={cfg.data.image}: set data.image.* to the codes' values, or "
-                         "extract again with the recipe's")
-    if store.patch_size != patch_size:
-        raise ValueError(f"codes in {cfg.data.codes} have {store.patch_size}-pixel patches, the model's encoder "
-                         f"{patch_size}-pixel ones")
-    return store
-
-
-def resolve_image_settings(cfg: RecipeConfig) -> RecipeConfig:
-    """``cfg`` with a concrete ``data.image``: a stated one as it is (open_code_store holds it against the
-    codes'), else the codes' own settings when ``data.codes`` is set, else the defaults. Everything after
-    this, the saved recipe included, sees the settings the model is actually trained on."""
-    if cfg.data.image is not None:
-        return cfg
-    image = PreprocessConfig()
-    if cfg.data.codes:
-        # the manifest alone: CodeStore would read every shard, and build_datasets opens it once anyway
-        manifest = Path(cfg.data.codes) / "manifest.json"
-        try:
-            image = PreprocessConfig(**json.loads(manifest.read_text())["preprocess"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"data.codes={cfg.data.codes!r}: cannot read the codes' image settings from {manifest} "
-                             f"({type(err).__name__}: {err}); is it a finished `viq extract` output?") from err
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image=image))
-
-
-def build_datasets(cfg: RecipeConfig, tokenizer, patch_size: int, sample_transform=None,
-                   viq_identity: dict | None = None):
-    """(train, eval or None, collator). ``patch_size``: the visual encoder's (image grids are counted in it).
-    ``sample_transform``: an optional map over the training samples (Iterable[Sample] -> Iterable[Sample])."""
-    cfg = resolve_image_settings(cfg)
-    d = cfg.data
-    require_data_file(d.train)
-    store = open_code_store(cfg, viq_identity, patch_size) if d.codes else None
-    train = _dataset(cfg, d.train, tokenizer, patch_size, sample_transform, store)
-    evaluation = _dataset(cfg, d.eval, tokenizer, patch_size, store=store) if d.eval else None
-    collator = collate_packed if d.packing else functools.partial(collate_padded,
-                                                                  pad_token_id=tokenizer.pad_token_id)
-    return train, evaluation, collator
-
-
 def _init_distributed(args: TrainingArguments) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
@@ -383,9 +321,9 @@ def _build_mllm(cfg: RecipeConfig, args: TrainingArguments) -> BuiltModel:
     return build_mllm(cfg)
 
 
-def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=None) -> MLLMTrainer:
+def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, phases: list[Phase] | None = None) -> MLLMTrainer:
     """Data, model and Trainer of a recipe, ready for ``train()``. ``build`` ((recipe, training arguments) ->
-    BuiltModel) and ``sample_transform`` let the tokenizer stages (mllm.stages.llm_stage) reuse this wiring."""
+    BuiltModel) and ``phases`` (build_datasets) let the tokenizer stages (mllm.stages.llm_stage) reuse this wiring."""
     cfg = resolve_image_settings(cfg)  # before anything saves the recipe: the model records its image settings
     # TrainingArguments come first: they start the process group (data is prepared on the first local
     # rank first) and, under ZeRO-3, let transformers build the LLM already partitioned
@@ -398,7 +336,7 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
     # gives it back with trainer.release_output_dir()
     lock = claim_output_dir(cfg, args)
     try:
-        trainer = _make_trainer(cfg, args, build, sample_transform)
+        trainer = _make_trainer(cfg, args, build, phases)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -409,7 +347,7 @@ def prepare_trainer(cfg: RecipeConfig, *, build=_build_mllm, sample_transform=No
     return trainer
 
 
-def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_transform) -> MLLMTrainer:
+def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, phases) -> MLLMTrainer:
     resume = resume_target(cfg)
     if resume is not None and cfg.train.deepspeed:
         check_resume_world_size(resume, args.world_size, load_zero_config(cfg.train.deepspeed)[1])
@@ -417,7 +355,9 @@ def _make_trainer(cfg: RecipeConfig, args: TrainingArguments, build, sample_tran
         built = build(cfg, args)
     with args.main_process_first(local=True, desc="data preparation"):
         train_ds, eval_ds, collator = build_datasets(cfg, built.tokenizer, built.model.visual.patch_size,
-                                                     sample_transform, built.viq_identity)
+                                                     phases, built.viq_identity)
+    if isinstance(train_ds, PhasedDataset):
+        plan_phases(cfg, args, train_ds)
     if args.should_save:
         if resume is None or not (Path(cfg.train.output_dir) / MLLM_CONFIG).exists():  # else rewritten at the end
             save_recipe(cfg, Path(cfg.train.output_dir) / MLLM_CONFIG)

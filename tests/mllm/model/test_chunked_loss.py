@@ -11,7 +11,7 @@ from mllm.config import load_recipe
 from mllm.data.packing import collate_packed
 from mllm.model import loss as loss_module
 from mllm.model.build import build_mllm
-from mllm.train.trainer import build_datasets
+from mllm.train.data_setup import build_datasets
 
 
 @pytest.mark.parametrize("recipe", ["sft_full", "sft_lora"])

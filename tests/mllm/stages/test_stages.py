@@ -16,12 +16,13 @@ from mllm.cli import main
 from mllm.config import load_recipe
 from mllm.data.packing import collate_packed
 from mllm.model.layout import LLM_DIR, VIQ_DIR, VISUAL_WEIGHTS
-from mllm.stages.areas import area_sampler
+from mllm.stages.areas import area_phases
 from mllm.stages.llm_stage import build_stage_model
 from mllm.stages.metrics import StageMetrics, codebook_stats
 from mllm.stages.report import REPORT_FILE
 from mllm.stages.run import dry_run, run_chain
-from mllm.train.trainer import build_datasets, prepare_trainer
+from mllm.train.data_setup import build_datasets
+from mllm.train.trainer import prepare_trainer
 from viq.configio import ConfigError
 from viq.tokenizer import ViQTokenizer
 
@@ -90,7 +91,7 @@ def test_one_tower_forward_per_step(demo_data, tmp_path, monkeypatch):
 def test_frozen_parts_stay_and_trained_parts_move(demo_data, tmp_path):
     cfg = stage_cfg("stage2_2_fsq", demo_data, tmp_path, "stage.init=debug", "train.max_steps=3",
                     "train.logging_steps=1", "trainable.tower=false")
-    trainer = prepare_trainer(cfg, build=build_stage_model, sample_transform=area_sampler(cfg))
+    trainer = prepare_trainer(cfg, build=build_stage_model, phases=area_phases(cfg))
     model = trainer.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.train()
@@ -262,8 +263,9 @@ def test_area_sampling_and_metrics(demo_data, tmp_path):
 
     cfg = stage_cfg("stage1", demo_data, tmp_path)
     samples = list(read_samples(demo_data["train"]))[:20]
-    areas = [ref.resize for s in area_sampler(cfg)(samples) for ref in s.images]
-    assert areas == [ref.resize for s in area_sampler(cfg)(samples) for ref in s.images]  # seeded
+    [phase] = area_phases(cfg)
+    areas = [ref.resize for s in phase.transform(samples) for ref in s.images]
+    assert areas == [ref.resize for s in phase.transform(samples) for ref in s.images]  # seeded
     assert all(2048 <= a <= 8192 for a in areas) and len(set(areas)) > 10
     stats = codebook_stats(torch.tensor([0, 0, 1, 1]), 8)
     assert stats["codebook_usage"] == 0.25 and stats["code_perplexity"] == pytest.approx(2.0)

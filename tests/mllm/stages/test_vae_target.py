@@ -18,7 +18,7 @@ from mllm.data.packing import collate_packed
 from mllm.model.layout import VIQ_DIR
 from mllm.stages.llm_stage import build_stage_model
 from mllm.stages.report import REPORT_FILE
-from mllm.train.trainer import build_datasets
+from mllm.train.data_setup import build_datasets
 from viq.configio import ConfigError
 from viq.decoder import reconstruction_loss
 from viq.image import pad_to_multiple

@@ -15,7 +15,8 @@ from mllm.data.codes import CodeStore
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
 from mllm.tools.extract import extract
 from mllm.tools.inference import load_mllm, preprocess_image, prompt_ids
-from mllm.train.trainer import resolve_image_settings, run_training
+from mllm.train.data_setup import resolve_image_settings
+from mllm.train.trainer import run_training
 from viq import ViQTokenizer
 from viq.config import PreprocessConfig
 
