@@ -10,11 +10,12 @@ gets ``?area=A&multiple=M`` appended: the same file at another size has other co
 
 CodesDataset renders and expands conversations exactly as SupervisedDataset does (it is one), but
 takes each image's patch grid from the store, so no image file is ever opened, and its items carry
-``codes`` (one int64 tensor ``[h*w*E]`` per image) in place of ``pixel_values``. A sample whose image
+``codes`` (ONE flat int64 tensor: its images' codes one after another, ``h*w*E`` each, split by
+``image_grids``) in place of ``pixel_values``. A sample whose image
 has no codes is skipped and counted as "no codes" (``strict=True``: ValueError naming the sample).
 Never a silent fallback to pixels.
 
-Shapes: L expanded token length; codes per image [h*w*E]; image_grids [n_img, 2] as (h, w).
+Shapes: L expanded token length; codes [sum of h*w*E over the sample's images]; image_grids [n_img, 2] as (h, w).
 """
 
 from __future__ import annotations
@@ -188,9 +189,13 @@ class CodeStore:
             raise KeyError(f"image {key!r} has no codes in {self.root}") from None
 
     def __getitem__(self, key: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        i = self._row(key)
-        flat = self._codes[self._offsets[i] : self._offsets[i + 1]]
-        return torch.from_numpy(flat.astype(np.int64)), self.grid(key)
+        return self.concat([key]), self.grid(key)
+
+    def concat(self, keys: Iterable[str]) -> torch.Tensor:
+        """The codes of ``keys`` one after another, as one LongTensor (cast once, not once per image)."""
+        rows = [self._row(k) for k in keys]
+        parts = [self._codes[self._offsets[i] : self._offsets[i + 1]] for i in rows]
+        return torch.from_numpy(np.concatenate([self._codes[:0], *parts]).astype(np.int64))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -289,7 +294,7 @@ class CodesDataset(SupervisedDataset):
         return {
             "input_ids": input_ids,
             "labels": labels,
-            "codes": [self.store[self._keys[ref]][0] for ref in rec.images],
+            "codes": self.store.concat(self._keys[ref] for ref in rec.images),
             "image_grids": torch.tensor(rec.grids, dtype=torch.long).reshape(-1, 2),
         }
 

@@ -6,7 +6,10 @@ mask (SDPA) or cu_seqlens (flash-attention) - so no `attention_mask` is emitted,
 be called with `use_cache=False`. `cu_seq_lens` (int32, [n_samples + 1]) marks the boundaries
 explicitly. Labels are -100 on prompt, image and padding positions (the data set already did that)
 and on the first token of every packed sample, so that no sample is predicted from the one before.
-Images and grids are concatenated in the order of the `<image>` spans in the row.
+Images and grids are concatenated in the order of the `<image>` spans in the row: `pixel_values` as a
+list of per-image tensors, `codes` as ONE flat tensor (each sample's flat codes, mllm.data.codes, one after
+another; `image_grids` splits it). A DataLoader worker sends every tensor of a batch through its own
+shared-memory segment, and one per image cost more than building the row.
 
 Shapes: T packed tokens; B batch rows; L the longest sample of a padded batch.
 """
@@ -107,15 +110,21 @@ def _flatten(items) -> list[dict]:
 
 
 def _images(samples: list[dict]) -> dict:
-    """The batch's visual inputs: `pixel_values`, or `codes` when the samples come from stored ViQ codes
-    (mllm.data.codes), with `image_grids`; images in sample order. A batch never mixes the two."""
-    kind = "codes" if any("codes" in s for s in samples) else "pixel_values"
-    values = [x for s in samples for x in s.get(kind, ())]
+    """The batch's visual inputs: `pixel_values` (a list), or `codes` (one flat tensor) when the samples come
+    from stored ViQ codes (mllm.data.codes), with `image_grids`; images in sample order. A batch never mixes
+    the two."""
     grids = [s["image_grids"].reshape(-1, 2) for s in samples]
     image_grids = torch.cat(grids).long() if grids else torch.zeros(0, 2, dtype=torch.long)
+    if any("codes" in s for s in samples):
+        # the codes' count per grid is the model's check (it knows the codes per patch)
+        if any(len(g) and "codes" not in s for s, g in zip(samples, grids, strict=True)):
+            raise ValueError("a sample has images but no codes (pixels and codes mixed?)")
+        codes = torch.cat([s["codes"].reshape(-1) for s in samples if "codes" in s]).long()
+        return {"codes": codes, "image_grids": image_grids}
+    values = [x for s in samples for x in s.get("pixel_values", ())]
     if len(values) != len(image_grids):
-        raise ValueError(f"{len(values)} {kind} for {len(image_grids)} image grids (pixels and codes mixed?)")
-    return {kind: values, "image_grids": image_grids}
+        raise ValueError(f"{len(values)} pixel_values for {len(image_grids)} image grids")
+    return {"pixel_values": values, "image_grids": image_grids}
 
 
 def collate_packed(items) -> dict:

@@ -88,15 +88,15 @@ class VisualInput(nn.Module):
             self.trace = VisualTrace(t.trunk_ND, head, t.grids, t.cu, t.max_len)
         return feats
 
-    def _from_codes(self, codes, image_grids) -> torch.Tensor:
+    def _from_codes(self, codes: torch.Tensor, image_grids) -> torch.Tensor:
+        """``codes``: one flat tensor, the images' codes one after another (``h*w*codes_per_patch`` each)."""
         if codes is None or image_grids is None:
             raise ValueError("the discrete visual input needs codes and image_grids")
         grids = [tuple(int(v) for v in g) for g in image_grids]
         sizes = [h * w * self.codes_per_patch for h, w in grids]
-        flat = torch.cat(list(codes)) if isinstance(codes, (list, tuple)) else codes.reshape(-1)
-        if flat.numel() != sum(sizes):
-            raise ValueError(f"{flat.numel()} codes do not match the grids {grids} ({sum(sizes)} expected)")
-        return self.embedder(flat.to(self.embedder.project_out.weight.device).reshape(-1, self.codes_per_patch))
+        if codes.numel() != sum(sizes):
+            raise ValueError(f"{codes.numel()} codes do not match the grids {grids} ({sum(sizes)} expected)")
+        return self.embedder(codes.to(self.embedder.project_out.weight.device).reshape(-1, self.codes_per_patch))
 
 
 class MLLM(nn.Module):

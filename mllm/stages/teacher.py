@@ -18,6 +18,7 @@ passes its init's on; one with an explicit teacher passes that on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,16 +110,30 @@ def _load(source: dict) -> Encoder:
     return load_viq(source["viq"], seed=source.get("seed", 0), what="stage.teacher").encoder
 
 
+def _dry_run_teacher(cfg: RecipeConfig, initial: Encoder) -> tuple[Encoder, str]:
+    """The teacher's shapes without reading a file: the initial encoder's, except that an original SigLIP
+    tower (stage 1 from model.siglip2, or any later stage's ``original``) keeps its own square table, which a
+    fixed-resolution checkpoint has at the teacher's resolution (384 / 16 = 24 for SigLIP2-g-384)."""
+    stage = cfg.stage
+    if stage.teacher != ORIGINAL or (stage.kind == "stage1" and not cfg.model.siglip2):
+        return copy.deepcopy(initial), "a frozen copy of the stage's initial encoder (dry run)"
+    side = stage.teacher_resolution // initial.cfg.patch_size
+    return (Encoder(dataclasses.replace(initial.cfg, pos_grid=side)),
+            f"the original tower's shapes with a {side}x{side} table (dry run)")
+
+
 def build_teacher(cfg: RecipeConfig, initial: Encoder, dry_run: bool = False) -> tuple[FrozenTeacher | None, dict]:
     """The stage's frozen teacher (None without distillation) and its entries of the stage report.
-    ``dry_run``: shapes only, a copy of the initial encoder stands for any teacher."""
+    ``dry_run``: shapes only (_dry_run_teacher)."""
     stage = cfg.stage
     chain = None if dry_run else chain_teacher(cfg)
     record = {"teacher": {"option": stage.teacher, "resolution": stage.teacher_resolution}, "chain_teacher": chain}
     if stage.distill_weight <= 0:
         return None, record
-    if stage.teacher == PREVIOUS or dry_run or (stage.kind == "stage1" and stage.teacher == ORIGINAL
-                                                 and not cfg.model.siglip2):
+    if dry_run:
+        encoder, record["teacher"]["loaded"] = _dry_run_teacher(cfg, initial)
+    elif stage.teacher == PREVIOUS or (stage.kind == "stage1" and stage.teacher == ORIGINAL
+                                       and not cfg.model.siglip2):
         record["teacher"]["loaded"] = "a frozen copy of the stage's initial encoder"
         encoder = copy.deepcopy(initial)
     else:

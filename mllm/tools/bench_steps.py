@@ -227,7 +227,7 @@ def make_items(
             )
         elif kind == "codes":
             n = s.grid[0] * s.grid[1] * codes_per_patch if s.grid else 0
-            item["codes"] = [torch.randint(0, codebook, (n,), generator=vis)] if s.grid else []
+            item["codes"] = torch.randint(0, codebook, (n,), generator=vis)
         elif kind == "text":
             item["pixel_values"] = []
         else:

@@ -1,5 +1,5 @@
 """Training from code shards: CodesDataset items equal SupervisedDataset + ViQTokenizer.encode, missing codes
-are counted (or raise), collate_packed carries codes, and the step-0 loss equals the online ViQ path's."""
+are counted (or raise), collate_packed carries a row's codes as one flat tensor, and the step-0 loss equals the online ViQ path's."""
 
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def test_items_equal_pixels_plus_encode(setup):
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
         assert torch.equal(got["image_grids"], want["image_grids"])
         encoded = [vtok.encode([x])[0] for x in want["pixel_values"]]
-        assert len(got["codes"]) == len(encoded)
-        for c, e in zip(got["codes"], encoded, strict=True):
-            assert c.dtype == torch.int64 and torch.equal(c, e.indices)
+        sizes = [h * w * store.codes_per_patch for h, w in got["image_grids"].tolist()]
+        assert got["codes"].dtype == torch.int64 and got["codes"].shape == (sum(sizes),)
+        for c, e in zip(got["codes"].split(sizes), encoded, strict=True):
+            assert torch.equal(c, e.indices)
 
 
 def test_missing_codes_are_counted_or_raise(setup):
@@ -105,15 +106,27 @@ def test_missing_codes_are_counted_or_raise(setup):
         CodesDataset(read_samples(more), tok, store, image_root=root, strict=True)
 
 
-def test_collate_carries_codes(setup):
+def test_collate_sends_codes_as_one_tensor(setup):
     root, data, _, _, tok = setup
-    ds = codes_dataset(data, tok, CodeStore(root / "codes"))
+    store = CodeStore(root / "codes")
+    ds = codes_dataset(data, tok, store)
     items = [ds[i] for i in range(len(ds))]
     packed = collate_packed(items)
-    assert "pixel_values" not in packed and len(packed["codes"]) == 4 == len(packed["image_grids"])
-    assert torch.equal(packed["codes"][1], items[1]["codes"][0])
+    assert "pixel_values" not in packed and isinstance(packed["codes"], torch.Tensor)
+    # the images of the samples one, two (two images) and viq (the resized copy of img/0), in row order
+    keys = ["img/0.png", "img/1.png", "img/2.png", "img/0.png?area=9216&multiple=32"]
+    assert packed["image_grids"].tolist() == [list(store.grid(k)) for k in keys]
+    sizes = [h * w * store.codes_per_patch for h, w in packed["image_grids"].tolist()]
+    parts = packed["codes"].split(sizes)
+    assert len(parts) == 4 and packed["codes"].numel() == sum(sizes)
+    for part, key in zip(parts, keys, strict=True):
+        assert torch.equal(part, store[key][0])
+    assert not torch.equal(parts[0], parts[1][: len(parts[0])])  # the images' codes differ: the check has teeth
     padded = collate_padded(items, pad_token_id=0)
-    assert len(padded["codes"]) == 4 and padded["input_ids"].shape[0] == 4
+    assert torch.equal(padded["codes"], packed["codes"]) and padded["input_ids"].shape[0] == 4
+    pixels = pixel_dataset(data, tok, store)[0]
+    with pytest.raises(ValueError, match="pixels and codes mixed"):
+        collate_packed([items[0], pixels])
 
 
 def test_step0_loss_equals_online_viq(setup):
