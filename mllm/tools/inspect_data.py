@@ -24,9 +24,9 @@ from mllm.data.chat import IGNORE_INDEX
 from mllm.data.codes import tokenizer_identity
 from mllm.data.descriptors import resolve_data
 from mllm.data.layout import IMAGE_TOKEN, num_image_tokens
+from mllm.data.phases import Phase
 from mllm.model.llm import load_text_tokenizer
 from mllm.model.viq_loader import load_viq, viq_dir
-from mllm.data.phases import Phase
 from mllm.stages.areas import area_phases
 from mllm.stages.init import init_language_side
 from mllm.tools.inference import quiet_logging
