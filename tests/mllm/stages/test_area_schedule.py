@@ -1,6 +1,7 @@
 """stage.area_schedule on the debug stage 1: the first half of the steps trains on small images, the second
 on large ones (the reference's 384² -> 768² curriculum in miniature), the run's length follows from its
-epochs, the data summary counts each phase, and a run killed mid-curriculum resumes on the same items."""
+epochs, the data summary counts each phase, a run killed mid-curriculum resumes on the same items, and
+`viq data inspect --phase K` shows each phase's data."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from mllm.config import load_recipe
 from mllm.data.phases import PhasedDataset
 from mllm.stages.areas import area_phases
 from mllm.stages.llm_stage import build_stage_model
+from mllm.tools.inspect_data import inspect_recipe
+from mllm.tools.inspect_data import main as data_main
 from mllm.train.trainer import prepare_trainer
 from viq.configio import ConfigError
 
@@ -76,3 +79,12 @@ def test_bad_schedules_are_named(override, match):
     extra = [] if "both" in match else ["stage.area_range=null"]
     with pytest.raises(ConfigError, match=match):
         load_recipe(STAGE1, [*extra, override])
+
+
+def test_data_inspect_shows_each_phase(demo_data, tmp_path):
+    cfg = load_recipe(STAGE1, overrides(demo_data, tmp_path))
+    grids = {k: [im.grid for s in inspect_recipe(cfg, n=8, phase=k).samples for im in s.images] for k in (0, 1)}
+    assert all(h * w <= 8 for h, w in grids[0]) and all(h * w >= 24 for h, w in grids[1])
+    with pytest.raises(ValueError, match="--phase 2: the recipe's training data has 2 phase"):
+        inspect_recipe(cfg, phase=2)
+    assert data_main(["inspect", str(STAGE1), *overrides(demo_data, tmp_path), "--phase", "5"]) == 1
