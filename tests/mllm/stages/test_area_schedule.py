@@ -15,10 +15,12 @@ from mllm_helpers import RECIPES, debug_overrides, step_losses
 from mllm.cli import main
 from mllm.config import load_recipe
 from mllm.data.phases import PhasedDataset
+from mllm.model.llm import load_text_tokenizer
 from mllm.stages.areas import area_phases
 from mllm.stages.llm_stage import build_stage_model
 from mllm.tools.inspect_data import inspect_recipe
 from mllm.tools.inspect_data import main as data_main
+from mllm.train.data_setup import build_datasets
 from mllm.train.trainer import prepare_trainer
 from viq.configio import ConfigError
 
@@ -88,3 +90,15 @@ def test_data_inspect_shows_each_phase(demo_data, tmp_path):
     with pytest.raises(ValueError, match="--phase 2: the recipe's training data has 2 phase"):
         inspect_recipe(cfg, phase=2)
     assert data_main(["inspect", str(STAGE1), *overrides(demo_data, tmp_path), "--phase", "5"]) == 1
+
+
+def test_each_image_file_is_checked_once_across_phases(demo_data, tmp_path, monkeypatch):
+    import mllm.data.dataset as dataset_module
+
+    checked = []
+    real = dataset_module.verify_image
+    monkeypatch.setattr(dataset_module, "verify_image", lambda path: checked.append(path) or real(path))
+    cfg = load_recipe(STAGE1, overrides(demo_data, tmp_path))
+    train, _, _ = build_datasets(cfg, load_text_tokenizer("debug", init="random"), 16, area_phases(cfg))
+    assert isinstance(train, PhasedDataset) and len(train.parts) == 2
+    assert len(checked) == len(set(checked)) == 48  # one file per demo sample, read once for both phases
