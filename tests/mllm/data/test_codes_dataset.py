@@ -1,5 +1,6 @@
 """Training from code shards: CodesDataset items equal SupervisedDataset + ViQTokenizer.encode, missing codes
-are counted (or raise), collate_packed carries a row's codes as one flat tensor, and the step-0 loss equals the online ViQ path's."""
+are counted (or raise), collate_packed carries a row's codes as one flat tensor, and the step-0 loss equals the
+online ViQ path's."""
 
 from __future__ import annotations
 
