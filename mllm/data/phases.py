@@ -9,7 +9,8 @@ Order: the run is one sampler pass (the Trainer sees one epoch of ``total_steps`
 The items of step s are the sampler's items [s·G, (s+1)·G), G = per-device batch × accumulation ×
 world size, because accelerate deals consecutive batches to the ranks in turn. Phase k's steps draw
 from phase k's items only, in seeded shuffles, a new one each time the phase has used them all. The
-order depends on the seed and G only, so a resumed run skips exactly the items it has trained on.
+order depends on the seed and G only, so a resumed run skips exactly the items it has trained on; resumed on
+another world size (another G), the phase bounds stay but the remaining steps draw other items.
 """
 
 from __future__ import annotations
