@@ -199,6 +199,33 @@ def test_packed_and_padded_losses_agree():
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
 
 
+def test_text_only_does_the_llm_work_of_the_visual_modes():
+    """text-only is the LLM of viq-offline alone: the same loss as transformers', and the LM head on the same
+    rows (the supervised positions, each twice: the chunked loss recomputes its logits in the backward), never on
+    every position of the row."""
+    tok = ViQTokenizer(steps.tokenizer_config("debug")).eval()
+    llm = steps.build_llm(steps.llm_spec("debug", {}), torch.float32, torch.device("cpu"), "sdpa", 0)
+    bench = steps.build_workbench(tok, llm, lr=1e-5, embedder_trainable=False)
+    samples = steps.synth_samples(MIX, 200, np.random.default_rng(4))
+    kw = dict(vocab=llm.config.vocab_size, image_token_id=bench.image_token_id, codebook=tok.codebook_size,
+              codes_per_patch=4, patch=16, seed=0)
+    batches = {k: steps.collate(steps.make_items(samples, k, **kw), packed=True) for k in ("codes", "text")}
+    text = batches["text"]
+    common = {"labels": text["labels"], "position_ids": text["position_ids"]}
+    with torch.no_grad():  # use_cache=False: with a cache, transformers does not look for packed rows
+        want = llm(input_ids=text["input_ids"], use_cache=False, **common).loss
+        got = steps.llm_only_loss(llm, text["input_ids"], **common)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    rows = {}
+    head = llm.get_output_embeddings().register_forward_hook(lambda m, args, out: rows[mode].append(args[0].shape[0]))
+    for mode, kind in (("viq-offline", "codes"), ("text-only", "text")):
+        rows[mode] = []
+        steps.train_step(bench, mode, batches[kind], {})
+    head.remove()
+    supervised = int((text["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows["text-only"] == rows["viq-offline"] == [supervised, supervised] and supervised < 200
+
+
 def test_predicted_overhead_is_the_embedder_forward_over_the_text_only_step():
     assert predicted_overhead(2.0, 0.3) == pytest.approx(0.15)
     assert predicted_overhead(None, 0.3) is None and predicted_overhead(2.0, None) is None
