@@ -1,6 +1,7 @@
 """The wheel carries the recipes, the data set descriptors and the package data, and `viq` works from an empty
 folder with nothing but the installed package: recipe and demo-settings names resolve inside it, and the demo
-writes only under the current directory.
+writes only under the current directory. That demo is `viq demo ci` whole, and its report is checked here too
+(one run instead of a second one in tests/mllm/demo/test_demo.py).
 
 The wheel is built from a copy of the source (so that the build writes nothing into the checkout) and
 installed with --target into a folder put first on PYTHONPATH of the subprocesses, so that `import mllm` comes
@@ -9,6 +10,7 @@ from the wheel while torch and the rest come from this environment; nothing is d
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,10 +25,6 @@ from mllm_helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-# shrunk until every demo step still runs (about 20 s on two CPU cores instead of `viq demo ci`'s minute)
-DEMO = ["demo", "ci", "n_train=24", "n_val=2", "n_test=4", "eval_limit=2", "n_reconstructions=2",
-        "tokenizer_overrides=[train.max_steps=1]", "mllm_overrides=[train.max_steps=1, data.image.area=4096]",
-        "bench_recipe=null"]
 
 
 def _files(root: Path) -> dict[str, tuple[int, int]]:
@@ -84,34 +82,49 @@ def test_wheel_holds_the_packages_recipes_and_data_files(installed):
     assert not [n for n in names if n.startswith("mllm/datasets/") and "/" in n.removeprefix("mllm/datasets/")]
 
 
-def test_names_resolve_inside_the_installed_package(installed, tmp_path):
-    code = ("import mllm, mllm.config as c, mllm.data.descriptors as d\n"
-            "print(mllm.__file__); print(c.resolve_recipe('demo/ci')); print(d.find_descriptor('llava-665k'))")
-    lines = _run(installed, tmp_path, "-c", code).stdout.split()
+# one process for the names and both recipes' --print-config (each process of its own cost about 5 s)
+EMPTY_FOLDER = """
+import mllm, mllm.config as c, mllm.data.descriptors as d
+from mllm.cli import main
+print(mllm.__file__); print(c.resolve_recipe('demo/ci')); print(d.find_descriptor('llava-665k'))
+for recipe in ('debug/sft_full', 'qwen3/sft_lora'):
+    print('=== print-config'); main(['train', recipe, '--print-config'])
+"""
+
+
+@pytest.fixture(scope="module")
+def from_empty_folder(installed, tmp_path_factory) -> dict:
+    cwd = tmp_path_factory.mktemp("empty")
+    names, *configs = _run(installed, cwd, "-c", EMPTY_FOLDER).stdout.split("=== print-config\n")
+    return {"names": names.split(), "configs": [yaml.safe_load(c) for c in configs], "left": list(cwd.iterdir())}
+
+
+def test_names_resolve_inside_the_installed_package(installed, from_empty_folder):
+    lines = from_empty_folder["names"]
     site = installed["site"].resolve()
     assert all(Path(line).resolve().is_relative_to(site) for line in lines), lines
     assert lines[1].endswith("mllm/recipes/demo/ci.yaml") and lines[2].endswith("mllm/datasets/llava-665k.yaml")
 
 
-def test_print_config_from_an_empty_folder(installed, tmp_path):
-    out = _run(installed, tmp_path, "-m", "mllm.cli", "train", "debug/sft_full", "--print-config").stdout
-    cfg = yaml.safe_load(out)
+def test_print_config_from_an_empty_folder(from_empty_folder):
+    cfg, qwen3 = from_empty_folder["configs"]
     assert cfg["train"]["output_dir"] == "outputs/debug/sft_full" and cfg["trainable"]["llm"] == "full"
     assert cfg["data"]["image"]["area"] == 4096  # from its base, debug/pretrain_projector.yaml
-    out = _run(installed, tmp_path, "-m", "mllm.cli", "train", "qwen3/sft_lora", "--print-config").stdout
-    cfg = yaml.safe_load(out)
-    assert cfg["data"]["train"] == "data/llava/llava_v1_5_mix665k.json"  # the shipped descriptor, cwd-relative
-    assert not any(tmp_path.iterdir())
+    assert qwen3["data"]["train"] == "data/llava/llava_v1_5_mix665k.json"  # the shipped descriptor, cwd-relative
+    assert not from_empty_folder["left"]
 
 
-def test_demo_from_an_empty_folder_writes_only_there(installed, tmp_path):
+@pytest.mark.smoke
+def test_demo_from_an_empty_folder_writes_only_there_the_whole_report(installed, tmp_path):
     cwd = tmp_path / "empty"
     cwd.mkdir()
     site_before, started = _files(installed["site"]), time.time()
-    _run(installed, cwd, "-m", "mllm.cli", *DEMO, timeout=300)
+    _run(installed, cwd, "-m", "mllm.cli", "demo", "ci", timeout=300)
     print(f"demo ran in {time.time() - started:.1f} s")
     written = set(_files(cwd))
-    assert {"demo-report-ci/results.json", "demo-report-ci/report.md", "demo-report-ci/loss_curves.png"} <= written
+    report = cwd / "demo-report-ci"
+    for name in ("report.md", "results.json", "loss_curves.png", "reconstructions.png", "speedup.png"):
+        assert (report / name).stat().st_size > 0, name
     assert any(p.startswith("runs/demo-ci/") for p in written)
     assert _files(installed["site"]) == site_before, "the demo wrote into the installed package"
     # other work may change the checkout meanwhile (and its data/ may be large): look only where the demo writes
@@ -121,3 +134,13 @@ def test_demo_from_an_empty_folder_writes_only_there(installed, tmp_path):
     # outside the current directory only matplotlib's own font cache and config folder, under HOME
     home = [p for p in _files(installed["tmp"] / "home")]
     assert all(p.startswith((".cache/matplotlib/", ".config/matplotlib/")) for p in home), home
+
+    results = json.loads((report / "results.json").read_text())
+    # both MLLMs were evaluated on the same test questions, and every pipeline step was timed
+    assert results["eval_codes"]["n"] == results["eval_continuous"]["n"] == 16
+    assert set(results["step_seconds"]) == {"generate data", "train tokenizer", "extract codes",
+                                            "train MLLM from codes", "train continuous baseline", "evaluate",
+                                            "benchmark", "report"}
+    assert results["extract"]["counts"]["images"] == 120
+    md = (report / "report.md").read_text()
+    assert "VQA accuracy" in md and "saving vs continuous" in md

@@ -1,20 +1,18 @@
 """The launchers users type, on CPU ranks (gloo): the `deepspeed` launcher with two local processes, in the
 command form of the README, and a two-node torchrun job on localhost (two launcher invocations, one process
 each, a static rendezvous on 127.0.0.1). Both train sft_full under ZeRO-3 with the one-rank reference's losses
-at the same global batch (tolerance: test_zero_multirank.py)."""
+at the same global batch (tolerance: test_zero_multirank.py). The `deepspeed` launcher's run is the session's
+ZeRO-3 run (the zero3_two_ranks fixture, tests/mllm/train/conftest.py), which the ZeRO-3 tests resume from."""
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from mllm_helpers import RECIPES, REPO, debug_overrides, step_losses
-from multirank import SCHEDULE, ZERO3, assert_losses_match, assert_same_weights, ok, rank_env, run_bounded
+from multirank import SCHEDULE, ZERO3, assert_losses_match, assert_same_weights, free_port, rank_env
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
@@ -23,22 +21,10 @@ RECIPE = RECIPES / "debug" / "sft_full.yaml"
 TIMEOUT = 400
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_deepspeed_launcher_two_local_processes(one_rank, demo_data, tmp_path):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    assert launcher is not None, "deepspeed is installed without its console script"
-    out = tmp_path / "run"
-    # the README's form; --master_port: the default 29500 may be taken by another job on this machine
-    ok(run_bounded([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mllm.cli",
-                    "train", str(RECIPE), *debug_overrides(demo_data, out, *SCHEDULE, f"train.deepspeed={ZERO3}")],
-                   TIMEOUT))
-    assert_losses_match(step_losses(out), step_losses(one_rank))
-    assert_same_weights(out, one_rank)
+def test_deepspeed_launcher_two_local_processes(one_rank, zero3_two_ranks):
+    # launched by the fixture (multirank.deepspeed_two_ranks), which fails there if the launcher does
+    assert_losses_match(step_losses(zero3_two_ranks), step_losses(one_rank))
+    assert_same_weights(zero3_two_ranks, one_rank)
 
 
 def test_two_nodes_on_localhost_match_one_rank(one_rank, demo_data, tmp_path):

@@ -1,4 +1,4 @@
-"""Two CPU ranks under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (torchrun, gloo) train the debug recipes with the same
+"""Two CPU ranks under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (gloo) train the debug recipes with the same
 losses as one rank at the same global batch, save one rank's weights, resume and export.
 
 Why the losses agree to ~1e-6: both runs see the same packs in the same order (rank r of step s gets
