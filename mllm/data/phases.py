@@ -43,7 +43,12 @@ def phased_dataset(samples: Iterable[Sample], phases: Sequence[Phase], skipped: 
     """One data set per phase from ``make(transformed samples, skip counter)``. Every phase starts its
     counter from the reader's skips (``skipped``), so each phase's summary counts the whole input."""
     samples = list(samples)  # read once: every phase prepares the same records
-    parts = [make(phase.transform(samples), Counter(skipped)) for phase in phases]
+    parts = []
+    for k, phase in enumerate(phases):
+        try:
+            parts.append(make(phase.transform(samples), Counter(skipped)))
+        except ValueError as err:  # e.g. samples too long at this phase's resolution only
+            raise ValueError(f"phase {k} of the schedule (until {phase.until}): {err}") from err
     return PhasedDataset(parts, [phase.until for phase in phases])
 
 

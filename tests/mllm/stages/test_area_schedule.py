@@ -102,3 +102,12 @@ def test_each_image_file_is_checked_once_across_phases(demo_data, tmp_path, monk
     train, _, _ = build_datasets(cfg, load_text_tokenizer("debug", init="random"), 16, area_phases(cfg))
     assert isinstance(train, PhasedDataset) and len(train.parts) == 2
     assert len(checked) == len(set(checked)) == 48  # one file per demo sample, read once for both phases
+
+
+def test_a_phase_that_loses_its_samples_is_named(demo_data, tmp_path):
+    # at 256 tokens a row holds the debug images of phase 0, not a 700² image (about 500 patches)
+    schedule = ("stage.area_schedule=[{until: 0.5, area_range: [1024, 1024]}, "
+                "{until: 1.0, area_range: [490000, 490000]}]")
+    cfg = load_recipe(STAGE1, debug_overrides(demo_data, tmp_path, "stage.area_range=null", schedule))
+    with pytest.raises(ValueError, match=r"phase 1 of the schedule \(until 1\.0\): no usable samples.*too long"):
+        build_datasets(cfg, load_text_tokenizer("debug", init="random"), 16, area_phases(cfg))
