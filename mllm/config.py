@@ -163,6 +163,12 @@ class TrainConfig:
 
 
 StageKind = Literal["stage1", "proximal", "fsq", "decoder"]
+MLLM_STAGES = ("stage1", "proximal", "fsq")  # stages trained through the LLM (the decoder stage is not)
+
+
+def _check_area_range(key: str, area_range: tuple[int, int] | None) -> None:
+    if area_range is not None and not 0 < area_range[0] <= area_range[1]:
+        raise ConfigError(f"{key} must be [min, max] with 0 < min <= max, got {list(area_range)}")
 
 
 @dataclass(frozen=True)
@@ -176,10 +182,7 @@ class AreaPhase:
     def __post_init__(self):
         if not 0 < self.until <= 1:
             raise ConfigError(f"stage.area_schedule: until must be in (0, 1], got {self.until}")
-        if not 0 < self.area_range[0] <= self.area_range[1]:
-            raise ConfigError(f"stage.area_schedule: area_range must be [min, max] with 0 < min <= max, got "
-                              f"{list(self.area_range)}")
-MLLM_STAGES = ("stage1", "proximal", "fsq")  # stages trained through the LLM (the decoder stage is not)
+        _check_area_range("stage.area_schedule: area_range", self.area_range)
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,7 @@ class StageConfig:
         if self.metrics_window <= 0 or self.stability_every < 0:
             raise ConfigError(f"stage.metrics_window must be > 0 and stage.stability_every >= 0, got "
                               f"{self.metrics_window} and {self.stability_every}")
-        if self.area_range is not None and not 0 < self.area_range[0] <= self.area_range[1]:
-            raise ConfigError(f"stage.area_range must be [min, max] with 0 < min <= max, got {list(self.area_range)}")
+        _check_area_range("stage.area_range", self.area_range)
         self._check_area_schedule()
         if self.kind == "stage1" and (self.recon_weight or self.feat_rec_weight):
             raise ConfigError("stage.kind=stage1 has no head, so no reconstruction: set stage.recon_weight=0 "

@@ -87,6 +87,15 @@ class PhasedDataset(torch.utils.data.Dataset):
         """The step at which each phase ends."""
         return [round(end * total_steps) for end in self.ends]
 
+    def plan(self, total_steps: int, items_per_step: int) -> list[dict]:
+        """Per phase: its steps [start, end), its items, and how many passes over its items that is."""
+        out, start = [], 0
+        for k, end in enumerate(self.step_bounds(total_steps)):
+            n = (end - start) * items_per_step
+            out.append({"phase": k, "steps": [start, end], "items": n, "passes": n / len(self.parts[k])})
+            start = end
+        return out
+
 
 class PhaseSampler(torch.utils.data.Sampler[int]):
     """The whole run's item order (module docstring): ``total_steps`` × ``items_per_step`` indices."""
@@ -100,18 +109,8 @@ class PhaseSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.total_steps * self.items_per_step
 
-    def plan(self) -> list[dict]:
-        """Per phase: its steps [start, end), its items, and how many passes over its items that is."""
-        out, start = [], 0
-        for k, end in enumerate(self.data.step_bounds(self.total_steps)):
-            n = (end - start) * self.items_per_step
-            out.append({"phase": k, "steps": [start, end], "items": n,
-                        "passes": n / len(self.data.parts[k])})
-            start = end
-        return out
-
     def __iter__(self) -> Iterator[int]:
-        for phase in self.plan():
+        for phase in self.data.plan(self.total_steps, self.items_per_step):
             yield from self._draws(phase["phase"], phase["items"])
 
     def _draws(self, k: int, n: int) -> Iterator[int]:

@@ -16,7 +16,7 @@ from mllm.config import RecipeConfig
 from mllm.data.codes import CodeStore, codes_dataset
 from mllm.data.dataset import SupervisedDataset
 from mllm.data.packing import PackedDataset, collate_packed, collate_padded
-from mllm.data.phases import Phase, PhasedDataset, PhaseSampler, phased_dataset
+from mllm.data.phases import Phase, PhasedDataset, phased_dataset
 from mllm.data.readers import read_samples, require_data_file
 from viq.config import PreprocessConfig
 
@@ -105,6 +105,6 @@ def plan_phases(cfg: RecipeConfig, args: TrainingArguments, data: PhasedDataset)
     """Fix the run's length in steps (a phase ends at a fraction of them) and log each phase's share."""
     if args.max_steps <= 0:
         args.max_steps = data.total_steps(cfg.train.num_epochs, items_per_step(args))
-    for p in PhaseSampler(data, args.max_steps, items_per_step(args), args.seed).plan():
+    for p in data.plan(args.max_steps, items_per_step(args)):
         log.info("phase %d: optimizer steps [%d, %d), %d items, %.2f passes over its %d items", p["phase"],
-                    *p["steps"], p["items"], p["passes"], len(data.parts[p["phase"]]))
+                 *p["steps"], p["items"], p["passes"], len(data.parts[p["phase"]]))

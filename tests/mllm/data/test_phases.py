@@ -43,7 +43,7 @@ def test_steps_follow_phases_and_use_every_item_before_repeating():
     assert sorted(order[13:17]) == [10, 11, 12, 13]  # then a second, newly shuffled
     assert order == list(PhaseSampler(data, 6, 3, seed=0))  # seeded: a resumed run skips what it trained on
     assert order != list(PhaseSampler(data, 6, 3, seed=1))
-    plan = sampler.plan()
+    plan = data.plan(6, 3)
     assert [(p["steps"], p["items"]) for p in plan] == [([0, 3], 9), ([3, 6], 9)]
     assert plan[1]["passes"] == pytest.approx(9 / 4)
 
